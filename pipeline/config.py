@@ -1,0 +1,209 @@
+"""The experiment config: the component configs of pixelgen plus the stage list and launch settings.
+
+Loading goes YAML file -> typed schema -> `key=value` overrides -> cross-field checks, and every error names
+the key and where it came from (the file or the command line) before any stage starts or any job is
+submitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pixelgen.data.config import DataConfig, ShardConfig
+from pixelgen.engine.config import LoggingConfig, TrainConfig
+from pixelgen.eval.config import FIDConfig
+from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
+
+STAGES = ("shard", "train_trunk", "train_decoder", "fid")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key, its source and what to do in the message."""
+
+
+@dataclass
+class StageResources:
+    """How one stage is launched (locally or on SLURM)."""
+
+    tasks: int = 1  # processes (ranks); one per GPU on a cluster
+    cpus_per_task: int = 2
+    gpus_per_task: int = 0
+    mem_gb: int = 8
+    timeout_min: int = 60
+
+
+@dataclass
+class LaunchConfig:
+    shard: StageResources = field(default_factory=StageResources)
+    train_trunk: StageResources = field(default_factory=StageResources)
+    train_decoder: StageResources = field(default_factory=StageResources)
+    fid: StageResources = field(default_factory=StageResources)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    run_dir: Optional[str] = None  # default: runs/<name>
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    data: DataConfig = field(default_factory=DataConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train_trunk: TrainConfig = field(default_factory=TrainConfig)
+    train_decoder: TrainConfig = field(default_factory=TrainConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = getattr(err, "msg", None) or str(err)
+    msg = msg.split("\n")[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        hint = "remove it or check its spelling against the schema (pixelgen/*/config.py)"
+        return ConfigError(f"{source}: unknown key '{key}': {hint}")
+    return ConfigError(f"{source}: bad value for key '{key}': {msg}")
+
+
+def _merge(base, other, source: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML, apply `key=value` overrides and validate. Returns the typed config."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist: pass a YAML file such as configs/demo.yaml")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = OmegaConf.create({})
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value (e.g. train_trunk.steps=100)")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command line: cannot parse override '{item}': {err}") from None
+        cfg = _merge(cfg, dot, f"command line override '{item}'")
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        source += f" with overrides {' '.join(overrides)}"
+    validate(cfg, source)
+    return cfg  # an OmegaConf DictConfig typed by ExperimentConfig
+
+
+def validate(cfg, source: str = "config") -> None:
+    """Cross-field checks, all in one place. Raises ConfigError naming the key."""
+
+    def fail(key: str, value: Any, why: str):
+        raise ConfigError(f"{source}: key '{key}' = {value!r}: {why}")
+
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        fail("stages", list(cfg.stages), f"unknown stage(s) {unknown}; known stages are {list(STAGES)}")
+    order = [STAGES.index(s) for s in cfg.stages]
+    if order != sorted(order) or len(set(order)) != len(order):
+        fail("stages", list(cfg.stages), f"stages must be distinct and in pipeline order {list(STAGES)}")
+    stages = set(cfg.stages)
+
+    res, p = cfg.data.resolution, cfg.model.trunk.patch_size
+    if res <= 0:
+        fail("data.resolution", res, "must be positive")
+    if p <= 0 or res % p:
+        fail("model.trunk.patch_size", p, f"must divide data.resolution={res} (e.g. {res // 8 or 1})")
+    if cfg.model.num_classes != cfg.data.num_classes:
+        fail("model.num_classes", cfg.model.num_classes, f"must equal data.num_classes={cfg.data.num_classes}")
+    t = cfg.model.trunk
+    if t.dim % t.heads:
+        fail("model.trunk.heads", t.heads, f"must divide model.trunk.dim={t.dim}")
+    if (t.dim // t.heads) % 4:
+        fail("model.trunk.dim", t.dim, "head dim (dim/heads) must be a multiple of 4 for 2D RoPE")
+    d = cfg.model.decoder
+    attn_dim = d.attn_dim or t.dim
+    if attn_dim % d.heads or (attn_dim // d.heads) % 4:
+        fail("model.decoder.heads", d.heads, f"must divide the attention width {attn_dim} into heads of a multiple of 4")
+    if not 0.0 <= cfg.model.class_dropout < 1.0:
+        fail("model.class_dropout", cfg.model.class_dropout, "must be in [0, 1)")
+    if cfg.sampler.kind not in ("euler", "heun"):
+        fail("sampler.kind", cfg.sampler.kind, "must be 'euler' or 'heun'")
+    if len(cfg.sampler.cfg_interval) != 2 or not 0 <= cfg.sampler.cfg_interval[0] <= cfg.sampler.cfg_interval[1] <= 1:
+        fail("sampler.cfg_interval", list(cfg.sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
+    if cfg.objective.kind != "flow_velocity":
+        fail("objective.kind", cfg.objective.kind, "only 'flow_velocity' exists so far")
+    if cfg.shard.image_format not in ("png", "jpg"):
+        fail("shard.image_format", cfg.shard.image_format, "must be 'png' or 'jpg'")
+
+    if "shard" in stages and not cfg.data.imagenet_dir:
+        fail("data.imagenet_dir", cfg.data.imagenet_dir,
+             "the shard stage needs an ImageNet-layout folder (make one with `pixelgen fake-imagenet DIR`)")
+    if "shard" not in stages and not cfg.data.shard_dir and stages & {"train_trunk", "train_decoder", "fid"}:
+        fail("data.shard_dir", cfg.data.shard_dir, "without the shard stage, point data.shard_dir at existing shards")
+    if "train_decoder" in stages and "train_trunk" not in stages and not cfg.train_decoder.init_from:
+        fail("train_decoder.init_from", cfg.train_decoder.init_from,
+             "the decoder stage needs a trunk: add train_trunk to stages or set train_decoder.init_from "
+             "to an exported generator .safetensors file")
+    if "fid" in stages and not stages & {"train_trunk", "train_decoder"}:
+        fail("stages", list(cfg.stages), "the fid stage needs a trained generator: include train_trunk or train_decoder")
+
+    for name in ("train_trunk", "train_decoder"):
+        tc = cfg[name]
+        ntasks = cfg.launch[name].tasks
+        if tc.steps <= 0:
+            fail(f"{name}.steps", tc.steps, "must be positive")
+        if tc.batch_size % (tc.grad_accum * ntasks):
+            fail(f"{name}.batch_size", tc.batch_size,
+                 f"must be divisible by grad_accum x launch.{name}.tasks = {tc.grad_accum * ntasks}")
+        if tc.zero_stage not in (0, 1, 2, 3):
+            fail(f"{name}.zero_stage", tc.zero_stage, "must be 0, 1, 2 or 3")
+        if tc.lr_schedule not in ("constant", "cosine"):
+            fail(f"{name}.lr_schedule", tc.lr_schedule, "must be 'constant' or 'cosine'")
+        if not 0.0 <= tc.ema_decay < 1.0:
+            fail(f"{name}.ema_decay", tc.ema_decay, "must be in [0, 1)")
+        if tc.ckpt_every <= 0 or tc.keep_ckpts < 1:
+            fail(f"{name}.ckpt_every", tc.ckpt_every, "ckpt_every must be positive and keep_ckpts >= 1")
+    if cfg.train_decoder.init_from and not Path(cfg.train_decoder.init_from).is_file():
+        fail("train_decoder.init_from", cfg.train_decoder.init_from, "file does not exist")
+    if cfg.fid.samples_per_class <= 0:
+        fail("fid.samples_per_class", cfg.fid.samples_per_class, "must be positive")
+    if cfg.logging.wandb not in ("offline", "online", "disabled"):
+        fail("logging.wandb", cfg.logging.wandb, "must be offline, online or disabled")
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_hash(cfg) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def to_container(cfg) -> dict:
+    """Plain data (dicts, lists, scalars) for checkpoints and JSON."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_container(data: dict):
+    """Rebuild a typed config from plain data (the saved run config); validated like a file."""
+    cfg = _merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), "saved run config")
+    validate(cfg, "saved run config")
+    return cfg

@@ -1,0 +1,34 @@
+"""Typed config for one training stage (the engine is shared by the trunk and decoder stages)."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch = micro_batch * grad_accum * world_size
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    ema_decay: float = 0.9999
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+    log_every: int = 50
+    sample_every: int = 0  # 0 = a sample grid only at the end
+    seed: int = 0
+    # Decoder stage only: where the trunk comes from. None = the train_trunk stage's export in the run folder.
+    init_from: Optional[str] = None
+    freeze_trunk: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled (online needs WANDB_API_KEY in the environment)
+    project: str = "pixelgen"
+    entity: Optional[str] = None
