@@ -1,0 +1,151 @@
+"""Building blocks shared by the patch-level trunk and the pixel-level decoder (PixelDiT)."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def init_linear_xavier(module):
+    # DiT's basic init; the owning model applies its zero-inits and embedding inits on top.
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 whatever the autocast dtype: the mean of squares over a wide dim is too coarse in bf16.
+        x_fp32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (x_fp32 * self.weight.float()).type_as(x)
+
+
+def rope_2d(head_dim: int, h: int, w: int, *, theta: float = 10_000.0, extent: float = 16.0, device=None):
+    """cos/sin tables, each [h*w, head_dim/2], for an h x w token grid in row-major order.
+
+    The first half of the rotary pairs rotates with the row index, the second half with the column.
+    Positions are spread over a fixed `extent` whatever the grid size (PixelDiT's linspace(0, 16, n)),
+    so the angles a model sees do not grow with resolution.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    freqs_F = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float32, device=device) / head_dim)
+    rows_HWF = torch.linspace(0, extent, h, device=device)[:, None, None] * freqs_F
+    cols_HWF = torch.linspace(0, extent, w, device=device)[None, :, None] * freqs_F
+    angles_HWP = torch.cat([rows_HWF.expand(h, w, -1), cols_HWF.expand(h, w, -1)], dim=-1)
+    angles_LP = rearrange(angles_HWP, "h w p -> (h w) p")
+    return angles_LP.cos(), angles_LP.sin()
+
+
+def apply_rope(x, cos_LP, sin_LP):
+    """Rotate consecutive channel pairs of x [..., L, head_dim] by the angles of their token."""
+    x1, x2 = rearrange(x.float(), "... (p two) -> two ... p", two=2)
+    rotated = torch.stack([x1 * cos_LP - x2 * sin_LP, x1 * sin_LP + x2 * cos_LP])
+    return rearrange(rotated, "two ... p -> ... (p two)").type_as(x)
+
+
+def sincos_2d(dim: int, h: int, w: int, *, device=None):
+    """Fixed 2D sin-cos absolute position embedding [h, w, dim]: half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega_F = 10_000.0 ** (-torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
+    rows_HF = torch.arange(h, dtype=torch.float32, device=device)[:, None] * omega_F
+    cols_WF = torch.arange(w, dtype=torch.float32, device=device)[:, None] * omega_F
+    rows_HWD = torch.cat([rows_HF.sin(), rows_HF.cos()], dim=-1)[:, None].expand(h, w, -1)
+    cols_HWD = torch.cat([cols_WF.sin(), cols_WF.cos()], dim=-1)[None, :].expand(h, w, -1)
+    return torch.cat([rows_HWD, cols_HWD], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with per-head RMS qk-norm and 2D RoPE."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLD, rope):
+        q, k, v = rearrange(self.qkv(x_BLD), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q = apply_rope(self.q_norm(q), *rope)
+        k = apply_rope(self.k_norm(k), *rope)
+        o_BHLd = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(o_BHLd, "b h l d -> b l (h d)"))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        # 2/3 keeps the parameter count of a GELU MLP with the same ratio; this order avoids 3071.999 -> 3071.
+        hidden = int(2 * mlp_ratio * dim / 3)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def timestep_features(t_B, dim: int, max_period: float):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
+    args_BF = t_B.float()[:, None] * freqs
+    return torch.cat([args_BF.cos(), args_BF.sin()], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t followed by an MLP.
+
+    max_period=10 (PixelDiT) because t lives in [0, 1]: DiT's 10000 assumes t in [0, 1000] and would
+    leave most features nearly constant over [0, 1]; with 10 every frequency lies in [0.1, 1] rad per unit t.
+    """
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10.0):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t_B):
+        feats = timestep_features(t_B, self.freq_dim, self.max_period)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class ClassEmbedder(nn.Module):
+    """num_classes + 1 rows: the last one (index num_classes) is the null class used for CFG."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.null_class = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y_B):
+        return self.table(y_B)

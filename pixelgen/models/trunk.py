@@ -1,0 +1,68 @@
+"""PixelDiT patch-level trunk: a DiT over p x p pixel patches that produces one semantic token per patch."""
+
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .layers import Attention, ClassEmbedder, RMSNorm, SwiGLU, TimestepEmbedder, init_linear_xavier, modulate, rope_2d
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero (shift/scale/gate for attention and MLP)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_ratio)
+        # A bare Linear: the trunk's condition is already SiLU'd.
+        self.adaLN = nn.Linear(dim, 6 * dim)
+
+    def forward(self, x_BLD, c_BD, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c_BD)[:, None].chunk(6, dim=-1)
+        x_BLD = x_BLD + gate1 * self.attn(modulate(self.norm1(x_BLD), shift1, scale1), rope)
+        x_BLD = x_BLD + gate2 * self.mlp(modulate(self.norm2(x_BLD), shift2, scale2))
+        return x_BLD
+
+
+class PatchTrunk(nn.Module):
+    """Embeds p x p patches linearly (no absolute position embedding: 2D RoPE inside attention) and runs
+    `depth` DiT blocks conditioned on c = SiLU(t_emb + y_emb).
+
+    Also owns the timestep and class embedders, so freezing the trunk freezes all conditioning.
+    """
+
+    def __init__(self, *, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float, num_classes: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.dim = dim
+        self.head_dim = dim // heads
+        self.patch_embed = nn.Linear(3 * patch_size * patch_size, dim)
+        self.t_embed = TimestepEmbedder(dim)
+        self.y_embed = ClassEmbedder(num_classes, dim)
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        self.apply(init_linear_xavier)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN.weight)
+            nn.init.zeros_(block.adaLN.bias)
+
+    def forward(self, x_BCHW, t_B, y_B):
+        """Returns (s_BLD, cond_BLD): the trunk's per-patch semantic tokens (row-major patch order), and
+        SiLU(t_emb + s), the per-patch condition of the pixel-level decoder."""
+        p = self.patch_size
+        h, w = x_BCHW.shape[-2] // p, x_BCHW.shape[-1] // p
+        patches = rearrange(x_BCHW, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+        s_BLD = self.patch_embed(patches)
+        t_BD = self.t_embed(t_B)
+        c_BD = F.silu(t_BD + self.y_embed(y_B))
+        rope = rope_2d(self.head_dim, h, w, device=x_BCHW.device)
+        for block in self.blocks:
+            s_BLD = block(s_BLD, c_BD, rope)
+        return s_BLD, F.silu(t_BD[:, None] + s_BLD)
