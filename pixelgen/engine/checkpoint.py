@@ -1,0 +1,80 @@
+"""DeepSpeed checkpoints that count only when complete.
+
+DeepSpeed writes `<dir>/<tag>/...` from every rank; a tag becomes complete when rank 0 writes
+`<tag>/COMPLETE.json` after a barrier that every rank reaches once its part is on disk. Resume takes the
+newest complete tag and ignores anything half-written. Old tags are removed only after a newer one is
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from pixelgen.engine.dist import barrier
+from pixelgen.io import atomic_write_text
+
+MARKER = "COMPLETE.json"
+_TAG = re.compile(r"^step(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep: int, is_main: bool):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.is_main = is_main
+
+    def _tags(self) -> list[tuple[int, str, bool]]:
+        if not self.dir.is_dir():
+            return []
+        out = []
+        for child in self.dir.iterdir():
+            m = _TAG.match(child.name)
+            if m and child.is_dir():
+                out.append((int(m.group(1)), child.name, (child / MARKER).is_file()))
+        return sorted(out)
+
+    def latest_complete(self) -> tuple[int, str] | None:
+        complete = [(s, t) for s, t, ok in self._tags() if ok]
+        return complete[-1] if complete else None
+
+    def save(self, engine, step: int, client_state: dict) -> str:
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        barrier()  # every rank's shard is on disk before the tag is declared complete
+        if self.is_main:
+            atomic_write_text(self.dir / tag / MARKER, json.dumps({"step": step, "tag": tag}))
+            self._prune()
+        barrier()
+        return tag
+
+    def load(self, engine) -> tuple[int, dict] | None:
+        latest = self.latest_complete()
+        if latest is None:
+            return None
+        step, tag = latest
+        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"checkpoint {self.dir / tag} is marked complete but DeepSpeed could not load it")
+        return step, client_state
+
+    def _prune(self) -> None:
+        tags = self._tags()
+        complete = [t for t in tags if t[2]]
+        newest = complete[-1][0]
+        keep = {t[1] for t in complete[-self.keep:]}
+        for step, tag, ok in tags:
+            # Incomplete tags older than the newest complete one are dead writes; newer ones may be in flight.
+            if tag not in keep and (ok or step < newest):
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+        for name in ("latest",):
+            stale = self.dir / name
+            if stale.exists():
+                os.remove(stale)
