@@ -1,0 +1,268 @@
+"""FID / Inception Score through torch-fidelity's InceptionV3.
+
+Upstream torch-fidelity cannot take precomputed reference statistics (only the LTH14 fork has
+`fid_statistics_file`), so features come from its `FeatureExtractorInceptionV3` and the statistics and
+metrics from its own functions; nothing numerical is re-implemented here.
+"""
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from typing import IO, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_fidelity
+from torch_fidelity.defaults import DEFAULTS
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from tqdm import tqdm
+
+from pixelgen.eval.config import FIDConfig
+
+WEIGHTS_ENV = "PIXELGEN_INCEPTION_WEIGHTS"
+UPSTREAM_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
+FEATURE_EXTRACTOR_NAME = "inception-v3-compat"  # the name torch-fidelity registers this extractor under
+FEATURE_FID = "2048"
+FEATURE_ISC = "logits_unbiased"
+
+
+def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temp file in the same folder so readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _InceptionArchitecture(FeatureExtractorInceptionV3):
+    """torch-fidelity's InceptionV3 with its weight loading disabled.
+
+    Building the random state dict from torch-fidelity's own module guarantees the exact key set and shapes
+    that its strict `load_state_dict` expects later.
+    """
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def _random_inception_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    # The constructor always loads weights: an empty in-memory state dict keeps it off the network.
+    model = _InceptionArchitecture(FEATURE_EXTRACTOR_NAME, [FEATURE_FID], feature_extractor_weights_path=empty)
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            # He init keeps the activation scale roughly constant down the ~47-conv-deep path, so pool3
+            # features neither vanish nor explode without trained BN statistics.
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu", generator=gen)
+        elif isinstance(module, nn.BatchNorm2d):
+            # Eval-mode BN at identity: random convs have no meaningful running statistics to normalise by.
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            module.running_mean.zero_()
+            module.running_var.fill_(1.0)
+        elif isinstance(module, nn.Linear):
+            # Unit-variance head: random pool3 features differ little between images, so the usual
+            # 1/sqrt(fan_in) scale would give near-uniform p(y|x) and an IS stuck at 1 whatever the images.
+            nn.init.normal_(module.weight, std=1.0, generator=gen)
+            nn.init.zeros_(module.bias)
+    return model.state_dict()
+
+
+def resolve_inception_weights(cfg: FIDConfig, cache_dir: str) -> tuple[str, bool]:
+    """Return (weights path, is_proxy): `fid.inception_weights`, then $PIXELGEN_INCEPTION_WEIGHTS, then
+    (only with `fid.allow_random_features`) a seeded random-init InceptionV3 cached under `cache_dir`."""
+    named = (("fid.inception_weights", cfg.inception_weights), (WEIGHTS_ENV, os.environ.get(WEIGHTS_ENV)))
+    for source, value in named:
+        if value:
+            path = os.path.expanduser(value)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{source} points to {path!r}, which is not a file: fix the path or unset {source} "
+                    f"(torch-fidelity's weights file is {UPSTREAM_WEIGHTS_NAME}, from {URL_INCEPTION_V3})"
+                )
+            return path, False
+
+    if not cfg.allow_random_features:
+        raise FileNotFoundError(
+            f"No InceptionV3 weights for FID: set fid.inception_weights or the environment variable {WEIGHTS_ENV} "
+            f"to torch-fidelity's {UPSTREAM_WEIGHTS_NAME} (download it from {URL_INCEPTION_V3} on a machine with "
+            f"internet access; it is not fetched at run time), or set fid.allow_random_features=true for a "
+            f"proxy FID from a random-init Inception that is not comparable to published numbers"
+        )
+
+    path = os.path.join(cache_dir, f"inception-random-seed{cfg.seed}.pth")
+    if not os.path.isfile(path):
+        state_dict = _random_inception_state_dict(cfg.seed)
+        _atomic_write(path, lambda f: torch.save(state_dict, f))
+    return path, True
+
+
+class InceptionFeatures:
+    """torch-fidelity's InceptionV3 giving pool3 features (FID) and unbiased logits (IS) for uint8 images."""
+
+    def __init__(self, weights_path: str, device: str | torch.device = "cpu", batch_size: int = 64):
+        self.weights_path = weights_path
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        try:
+            model = FeatureExtractorInceptionV3(
+                FEATURE_EXTRACTOR_NAME, [FEATURE_FID, FEATURE_ISC], feature_extractor_weights_path=weights_path
+            )
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(
+                f"Inception weights {weights_path!r} are not a torch-fidelity InceptionV3 state dict ({e}): use "
+                f"{UPSTREAM_WEIGHTS_NAME} from {URL_INCEPTION_V3}"
+            ) from e
+        self.model = model.to(self.device)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 [N, 3, H, W] images, any H and W (torch-fidelity resizes to 299 itself) -> float64 CPU features
+        {'2048': [N, 2048], 'logits_unbiased': [N, 1008]}."""
+        if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(
+                f"InceptionFeatures expects a uint8 tensor [N, 3, H, W], got {got}; convert model output in [-1, 1] "
+                f"with ((x + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)"
+            )
+        out: dict[str, list[torch.Tensor]] = {FEATURE_FID: [], FEATURE_ISC: []}
+        with torch.inference_mode():
+            for chunk in images.split(self.batch_size):
+                features = self.model.convert_features_tuple_to_dict(self.model(chunk.to(self.device)))
+                for name, value in features.items():
+                    out[name].append(value.to("cpu", torch.float64))
+        return {name: torch.cat(values) for name, values in out.items()}
+
+    def extract(
+        self, batches: Iterable, progress: bool = False, total: Optional[int] = None
+    ) -> dict[str, torch.Tensor]:
+        """Features of a stream of uint8 batches (or (images, labels) tuples, labels ignored), concatenated.
+        `total` is the image count, only used for the progress bar."""
+        out: dict[str, list[torch.Tensor]] = {FEATURE_FID: [], FEATURE_ISC: []}
+        with tqdm(total=total, disable=not progress, unit="img", desc="Inception features", leave=False) as bar:
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                for name, value in self(images).items():
+                    out[name].append(value)
+                bar.update(images.shape[0])
+        if not out[FEATURE_FID]:
+            raise ValueError("InceptionFeatures.extract got no batches: the image stream is empty")
+        return {name: torch.cat(values) for name, values in out.items()}
+
+
+def reference_statistics(features_2048: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """{'mu', 'sigma'} (float64) of pool3 features, via torch-fidelity."""
+    features = torch.as_tensor(features_2048, dtype=torch.float64, device="cpu")
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"FID statistics need features [N >= 2, D], got {tuple(features.shape)}")
+    return fid_features_to_statistics(features)
+
+
+def save_statistics(path: str, stats: dict[str, np.ndarray], meta: dict) -> None:
+    """npz with `mu`, `sigma` (same keys as ADM / LTH14 stats files) and `meta`, a JSON string."""
+    arrays = {
+        "mu": np.asarray(stats["mu"], dtype=np.float64),
+        "sigma": np.asarray(stats["sigma"], dtype=np.float64),
+        "meta": np.array(json.dumps(meta, sort_keys=True)),
+    }
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_statistics(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """(stats, meta) from `save_statistics`; an npz with only `mu` and `sigma` (e.g. ADM's) gives meta {}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"FID reference statistics {path!r} not found: compute them over the reference split "
+            f"(fid.reference_split) with reference_statistics + save_statistics"
+        )
+    try:
+        # Our own handle: np.load leaks the one it opens when the zip is unreadable.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in ("mu", "sigma", "meta") if key in data.files}
+        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"FID reference statistics {path!r} are unreadable ({e}): delete the file and recompute it"
+        ) from e
+    missing = {"mu", "sigma"} - arrays.keys()
+    if missing:
+        raise ValueError(f"FID reference statistics {path!r} lack {sorted(missing)}: delete the file and recompute it")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(
+            f"FID reference statistics {path!r} are malformed (mu {mu.shape}, sigma {sigma.shape}, or non-finite "
+            f"values): delete the file and recompute it"
+        )
+    return {"mu": mu, "sigma": sigma}, meta
+
+
+def compute_metrics(
+    gen_features: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], isc_splits: int = 10
+) -> dict:
+    """FID of the generated features against reference statistics, and Inception Score, via torch-fidelity."""
+    gen_stats = reference_statistics(gen_features[FEATURE_FID])
+    # torch-fidelity asserts equal dtypes; statistics from elsewhere (e.g. float32 files) are cast to match.
+    ref = {key: np.asarray(ref_stats[key], dtype=np.float64) for key in ("mu", "sigma")}
+    if ref["mu"].shape != gen_stats["mu"].shape:
+        raise ValueError(
+            f"Reference statistics have dimension {ref['mu'].shape[0]} but the generated features "
+            f"{gen_stats['mu'].shape[0]}: both must be torch-fidelity InceptionV3 '{FEATURE_FID}' features"
+        )
+    fid = fid_statistics_to_metric(gen_stats, ref, verbose=False)[KEY_METRIC_FID]
+
+    logits = gen_features[FEATURE_ISC]
+    # Each IS split needs at least one sample; small demo runs have fewer samples than the 10 standard splits.
+    splits = max(1, min(isc_splits, logits.shape[0]))
+    isc = isc_features_to_metric(
+        logits, splits=splits, shuffle=DEFAULTS["samples_shuffle"], rng_seed=DEFAULTS["rng_seed"]
+    )
+    return {
+        "fid": fid,
+        "isc_mean": isc[KEY_METRIC_ISC_MEAN],
+        "isc_std": isc[KEY_METRIC_ISC_STD],
+        "isc_splits": splits,
+    }
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def protocol(cfg: FIDConfig, weights_path: str, is_proxy: bool, num_gen: int, num_ref: int) -> dict:
+    """How the numbers were measured, for the result JSON: enough to tell comparable runs apart."""
+    return {
+        "metric_name": "proxy-FID (random-init Inception: not comparable to published numbers)" if is_proxy else "FID",
+        "proxy": is_proxy,
+        "feature_extractor": "torch-fidelity InceptionV3 2048-d pool3",
+        "feature_layer_fid": FEATURE_FID,
+        "feature_layer_isc": FEATURE_ISC,
+        "weights_file": os.path.abspath(weights_path),
+        "weights_sha256": _sha256(weights_path),
+        "num_gen": num_gen,
+        "num_ref": num_ref,
+        "samples_per_class": cfg.samples_per_class,
+        "reference_split": cfg.reference_split,
+        "ema": cfg.ema,
+        "seed": cfg.seed,
+        "torch_fidelity_version": torch_fidelity.__version__,
+    }
