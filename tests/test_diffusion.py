@@ -10,13 +10,6 @@ from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, 
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These matmuls are tiny: one thread is faster, and on small shared CPUs a multi-threaded BLAS was 10-100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 NULL = NUM_CLASSES
 
 

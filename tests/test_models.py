@@ -11,15 +11,6 @@ from pixelgen.models.layers import apply_rope, rope_2d
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These matmuls are tiny: one thread is faster, and on small shared CPUs a multi-threaded BLAS was 10-100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**decoder_kw) -> ModelConfig:
     return ModelConfig(
         trunk=TrunkConfig(size="tiny", patch_size=4), decoder=DecoderConfig(**decoder_kw), num_classes=NUM_CLASSES

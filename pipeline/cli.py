@@ -1,0 +1,209 @@
+"""The `pixelgen` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.config import STAGES, ConfigError, load_config
+
+console = Console()
+
+EPILOG = """examples:
+  pixelgen fake-imagenet runs/fake-imagenet
+  pixelgen run configs/demo.yaml
+  pixelgen run configs/demo.yaml train_trunk.steps=500 run_dir=runs/longer --executor local
+  pixelgen stage train_trunk configs/demo.yaml
+  pixelgen status runs/demo
+"""
+
+
+def _load(args):
+    cfg = load_config(args.config, args.overrides)
+    from pipeline import rundir
+
+    rundir.resolve_paths(cfg)
+    return cfg
+
+
+def cmd_run(args) -> int:
+    from pipeline import orchestrate, rundir
+
+    cfg = _load(args)
+    run_dir = rundir.prepare(cfg)
+    console.print(f"[bold]pixelgen[/bold] run [cyan]{cfg.name}[/cyan] -> {run_dir}  (executor: {args.executor})")
+    t0 = time.time()
+
+    def on_done(stage, summary):
+        note = "already done" if summary.get("skipped") else f"{summary.get('seconds', 0):.0f} s"
+        console.print(f"[green]✓[/green] {stage} ({note})")
+
+    try:
+        echo = (lambda line: console.print(Text("  " + line, style="dim"), soft_wrap=True)) \
+            if args.executor == "local" else None
+        results = orchestrate.submit_chain(cfg, run_dir, args.executor, on_done=on_done, echo=echo)
+    except orchestrate.StageFailed as err:
+        console.print(f"[red]✗ {err}[/red]")
+        console.print(f"Fix the cause and rerun the same command: finished stages are skipped, "
+                      f"'{err.stage}' resumes from its last checkpoint.")
+        return 1
+    if args.executor == "slurm":
+        for stage, info in results.items():
+            console.print(f"{stage}: job {info.get('job_id', 'done')}")
+        console.print(f"Follow it with: pixelgen status {run_dir}")
+        return 0
+    print_summary(run_dir, cfg, time.time() - t0)
+    return 0
+
+
+def print_summary(run_dir: Path, cfg, wall: float) -> None:
+    from pipeline import rundir
+
+    table = Table(title=f"pixelgen run {cfg.name}", show_lines=False)
+    table.add_column("stage")
+    table.add_column("time", justify="right")
+    table.add_column("result")
+    for stage in cfg.stages:
+        m = rundir.marker(run_dir, stage) or {}
+        if stage == "shard":
+            splits = m.get("splits", {})
+            result = ", ".join(f"{s}: {v['count']} images / {v['shards']} shards" for s, v in splits.items())
+            if m.get("bad_files"):
+                result += f", {m['bad_files']} bad files skipped"
+        elif stage.startswith("train"):
+            result = f"{m.get('steps')} steps, final loss {m.get('final_loss', float('nan')):.4f}"
+        else:
+            name = "proxy-FID" if m.get("proxy") else "FID"
+            result = f"{name} = {m.get('fid', float('nan')):.3f}, IS = {m.get('isc_mean', float('nan')):.3f}"
+        table.add_row(stage, f"{m.get('seconds', 0):.0f} s", result)
+    console.print(table)
+    fid = rundir.marker(run_dir, "fid") if "fid" in cfg.stages else None
+    console.print(f"run folder:  {run_dir}")
+    if fid:
+        if fid.get("proxy"):
+            console.print("[yellow]The FID above is a proxy (random-init Inception features, no weights file): "
+                          "it is not comparable to published numbers.[/yellow]")
+        console.print(f"metrics:     {fid['metrics']}")
+        console.print(f"sample grid: {fid['sample_grid']}")
+    console.print(f"total wall time: {wall:.0f} s")
+
+
+def cmd_stage(args) -> int:
+    from pipeline import rundir
+    from pipeline.stages import run_stage
+
+    cfg = _load(args)
+    if args.name not in cfg.stages:
+        raise ConfigError(f"stage '{args.name}' is not in this config's key 'stages' {list(cfg.stages)}")
+    run_dir = rundir.prepare(cfg)
+    summary = run_stage(args.name, cfg, run_dir)
+    console.print_json(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline import rundir
+    from pixelgen.engine.checkpoint import CheckpointManager
+
+    run_dir = Path(args.run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    table = Table(title=f"{cfg.name}: {run_dir}")
+    for col in ("stage", "state", "time", "checkpoint step", "detail"):
+        table.add_column(col)
+    for stage in cfg.stages:
+        m = rundir.marker(run_dir, stage)
+        sdir = rundir.stage_dir(run_dir, stage)
+        ckpt = CheckpointManager(sdir / "checkpoints", 1, False).latest_complete()
+        if m is not None:
+            state, seconds = "[green]done[/green]", f"{m.get('seconds', 0):.0f} s"
+        elif sdir.exists():
+            state, seconds = "[yellow]started[/yellow]", ""
+        else:
+            state, seconds = "pending", ""
+        detail = ""
+        if m and stage == "fid":
+            detail = f"{'proxy-FID' if m.get('proxy') else 'FID'} {m.get('fid', float('nan')):.3f}"
+        elif m and stage.startswith("train"):
+            detail = f"loss {m.get('final_loss', float('nan')):.4f}"
+        table.add_row(stage, state, seconds, str(ckpt[0]) if ckpt else "-", detail)
+    console.print(table)
+    return 0
+
+
+def cmd_fake_imagenet(args) -> int:
+    from pixelgen.data.fake_imagenet import generate
+
+    summary = generate(args.out_dir, num_classes=args.classes, train_per_class=args.train_per_class,
+                       val_per_class=args.val_per_class, size=args.size, seed=args.seed)
+    console.print(f"{summary['train_images']} train and {summary['val_images']} val images of "
+                  f"{len(summary['wnids'])} classes in {summary['path']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="pixelgen", formatter_class=fmt, epilog=EPILOG,
+        description="Train pixel-space image generators: shard ImageNet -> train the semantic trunk -> "
+                    "train the pixel decoder -> FID, locally or on SLURM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config_args(p):
+        p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. train_trunk.steps=100 run_dir=runs/try2")
+
+    p = sub.add_parser("run", formatter_class=fmt, help="validate the config, then run or submit the whole chain",
+                       description="Validate the config, then hand every unfinished stage to submitit, each "
+                                   "depending on the one before. Rerunning the same command on the same run "
+                                   "folder skips finished stages and resumes an unfinished one.")
+    config_args(p)
+    p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local",
+                   help="local: subprocesses on this machine (default); debug: in this process; "
+                        "slurm: sbatch jobs with afterok dependencies")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", formatter_class=fmt, help="run one stage in this process",
+                       description="Run one stage in this process, under the same contract as `run`: a finished "
+                                   "stage is a no-op, an interrupted one resumes. Earlier stages must be done.")
+    p.add_argument("name", choices=STAGES, help="the stage")
+    config_args(p)
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("status", help="show the state of each stage of a run folder",
+                       description="Show each stage's state, time, latest complete checkpoint and result.")
+    p.add_argument("run_dir", help="the run folder (run_dir of the config)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fake-imagenet", formatter_class=fmt, help="generate a small ImageNet-layout dataset",
+                       description="Write a small synthetic dataset in ImageNet's layout "
+                                   "(train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_<n>.JPEG) whose "
+                                   "classes differ in shape, colour and texture. Used by the demo and the tests.")
+    p.add_argument("out_dir", help="folder to write")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    p.add_argument("--train-per-class", type=int, default=100, help="training images per class (default 100)")
+    p.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
+    p.add_argument("--size", type=int, default=64, help="shorter image side in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fake_imagenet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Hand the chain of stages to submitit: local subprocesses, in-process debug, or SLURM jobs.
+
+On SLURM every stage is submitted at once, each depending on the previous one (`afterok`); the local and
+debug executors have no dependency mechanism, so the chain waits for each job before submitting the next.
+Either way each job runs `StageJob`, which reloads the saved run config, so a job is a function of the
+run folder alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import submitit
+
+from pipeline import rundir
+from pipeline.config import STAGES
+
+EXECUTORS = ("local", "debug", "slurm")
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage as a submitit callable. Requeued on preemption (`checkpoint` is submitit's default: resubmit
+    this object); the stage itself resumes from the run folder."""
+
+    def __init__(self, stage: str, run_dir: str):
+        self.stage = stage
+        self.run_dir = run_dir
+
+    def __call__(self) -> dict:
+        from pipeline.stages import run_stage
+
+        _export_distributed_env()
+        cfg = rundir.load_run_config(self.run_dir)
+        return run_stage(self.stage, cfg, self.run_dir)
+
+
+def _export_distributed_env() -> None:
+    """Torch's distributed variables from submitit's view of the job (SLURM or local multi-task)."""
+    if "RANK" in os.environ:
+        return
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job (the debug executor runs in this process)
+        return
+    if env.num_tasks > 1:
+        # DeepSpeed selects the device from LOCAL_RANK itself; narrowing CUDA_VISIBLE_DEVICES would break it.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def make_executor(kind: str, cfg, run_dir: Path):
+    if kind not in EXECUTORS:
+        raise ValueError(f"unknown executor '{kind}': choose one of {EXECUTORS}")
+    folder = run_dir / "submitit"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # pickled jobs are code: owner only
+    return submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
+
+
+def _configure(executor, kind: str, cfg, stage: str, dependency: str | None) -> None:
+    res = cfg.launch[stage]
+    params = dict(name=f"pixelgen-{cfg.name}-{stage}", timeout_min=res.timeout_min, tasks_per_node=res.tasks,
+                  cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb)
+    if kind == "slurm":
+        extra = {"kill-on-invalid-dep": "yes"}
+        if dependency:
+            extra["dependency"] = dependency
+        params.update(gpus_per_node=res.gpus_per_task * res.tasks, slurm_additional_parameters=extra)
+        if cfg.launch.partition:
+            params["slurm_partition"] = cfg.launch.partition
+        if cfg.launch.account:
+            params["slurm_account"] = cfg.launch.account
+    executor.update_parameters(**params)
+
+
+def _stream_logs(job, echo, poll_s: float = 0.5) -> None:
+    """Show a local job's log lines (rank 0) as they are written, so a long stage is not silent."""
+    paths = [Path(job.paths.stdout), Path(job.paths.stderr)]
+    offsets = dict.fromkeys(paths, 0)
+
+    def pump():
+        for path in paths:
+            if path.exists():
+                with open(path, errors="replace") as f:
+                    f.seek(offsets[path])
+                    chunk = f.read()
+                    offsets[path] = f.tell()
+                for line in chunk.splitlines():
+                    if line.strip() and not _NOISE.search(line):
+                        echo(line)
+
+    while not job.done():
+        pump()
+        time.sleep(poll_s)
+    pump()
+
+
+# Lines that say nothing to a person watching a run: DeepSpeed's per-rank info logs, submitit's own.
+_NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d .*\] \[(INFO|DEBUG)\]|^submitit INFO|No CUDA runtime is found|"
+                    r"Setting accelerator to CPU|deepspeed_shm_comm_op built")
+
+
+def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict[str, dict]:
+    """Submit every unfinished stage in order. Returns {stage: summary} for the stages that finished here
+    (SLURM: job ids instead, the jobs run later). `echo(line)` receives local jobs' log lines live."""
+    executor = make_executor(kind, cfg, run_dir)
+    results: dict[str, dict] = {}
+    previous = None
+    for stage in [s for s in STAGES if s in cfg.stages]:
+        done = rundir.marker(run_dir, stage)
+        if done is not None:
+            results[stage] = {**done, "skipped": True}
+            if on_done:
+                on_done(stage, results[stage])
+            continue
+        dependency = f"afterok:{previous.job_id}" if (kind == "slurm" and previous is not None) else None
+        _configure(executor, kind, cfg, stage, dependency)
+        job = executor.submit(StageJob(stage, str(run_dir)))
+        if kind == "slurm":
+            results[stage] = {"job_id": job.job_id}
+            previous = job
+            continue
+        if echo:
+            _stream_logs(job, echo)
+        try:
+            outcome = job.results()  # one entry per task; rank 0's is the summary
+        except submitit.core.utils.FailedJobError as err:
+            raise StageFailed(stage, job, err) from None
+        results[stage] = outcome[0]
+        if on_done:
+            on_done(stage, results[stage])
+    return results
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, job, err: Exception):
+        self.stage = stage
+        self.log = str(getattr(job.paths, "stderr", ""))
+        last = str(err).strip().splitlines()
+        tail = "\n".join(last[-12:])
+        super().__init__(f"stage '{stage}' failed (job {job.job_id}; log {self.log}):\n{tail}")

@@ -1,0 +1,101 @@
+"""The run folder and the stage contract.
+
+    <run_dir>/config.yaml      resolved config (plain YAML)
+    <run_dir>/run.json         package version, git revision, config hash, creation time
+    <run_dir>/<stage>/         each stage's outputs
+    <run_dir>/<stage>/DONE.json  completion marker, written last: a stage whose marker exists is done
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import pixelgen
+from pipeline.config import ConfigError, STAGES, config_hash, from_container, to_container, to_yaml
+from pixelgen.io import atomic_write_json, atomic_write_text, read_json
+
+MARKER = "DONE.json"
+_PATH_KEYS = ("run_dir", "data.imagenet_dir", "data.shard_dir", "train_decoder.init_from", "fid.inception_weights")
+
+
+def resolve_paths(cfg) -> None:
+    """Make every path absolute (relative to the current directory), so jobs started elsewhere agree."""
+    if not cfg.run_dir:
+        cfg.run_dir = f"runs/{cfg.name}"
+    for key in _PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value:
+            OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()))
+
+
+def git_revision() -> str:
+    root = Path(pixelgen.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prepare(cfg) -> Path:
+    """Create the run folder and record the config; refuse to reuse a folder made with another config."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        old = _flatten(to_container(load_run_config(run_dir)))
+        new = _flatten(to_container(cfg))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            raise ConfigError(f"run folder {run_dir} was made with a different config ({detail}). Resume it with "
+                              f"the same config, or pick a new run_dir=... for the changed experiment")
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "run.json", {
+        "pixelgen_version": pixelgen.__version__,
+        "git_revision": git_revision(),
+        "config_hash": config_hash(cfg),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    })
+    atomic_write_text(saved, to_yaml(cfg))  # last: a folder with config.yaml is fully prepared
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path):
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a pixelgen run folder (no config.yaml); start one with "
+                                f"`pixelgen run CONFIG`")
+    return from_container(OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage '{stage}'; stages are {list(STAGES)}")
+    return Path(run_dir) / stage
+
+
+def marker(run_dir: str | Path, stage: str) -> dict | None:
+    path = stage_dir(run_dir, stage) / MARKER
+    return read_json(path, "stage marker") if path.exists() else None
+
+
+def mark_done(run_dir: str | Path, stage: str, summary: dict) -> None:
+    atomic_write_json(stage_dir(run_dir, stage) / MARKER, summary)

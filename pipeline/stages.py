@@ -1,0 +1,229 @@
+"""The four stages. Each is a function of (config, run folder) that writes into its own folder; `run_stage`
+adds the contract: a finished stage is a no-op, the completion marker is written last, and a restarted
+stage resumes from what is on disk."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import rundir
+from pipeline.config import ConfigError, to_container
+from pixelgen.data import loader as data_loader
+from pixelgen.data import shards as data_shards
+from pixelgen.diffusion import FlowMatching, sample
+from pixelgen.engine.dist import init_distributed
+from pixelgen.engine.export import load_weights
+from pixelgen.engine.logger import console
+from pixelgen.engine.train import TrainTask, run_training
+from pixelgen.eval import fid as fid_lib
+from pixelgen.io import atomic_write, atomic_write_json
+from pixelgen.models import build_generator
+from pixelgen.viz import save_grid, to_uint8
+
+
+class StagePreempted(RuntimeError):
+    """The stage saved a checkpoint and stopped on a preemption signal; rerunning it resumes."""
+
+
+def shard_dir(cfg, run_dir: Path) -> Path:
+    return Path(cfg.data.shard_dir) if cfg.data.shard_dir else rundir.stage_dir(run_dir, "shard")
+
+
+def _checked_manifest(cfg, run_dir: Path) -> dict:
+    manifest = data_shards.read_manifest(shard_dir(cfg, run_dir))
+    classes = len(manifest["classes"])
+    if classes != cfg.data.num_classes:
+        raise ConfigError(f"key 'data.num_classes' = {cfg.data.num_classes} but the shards in "
+                          f"{shard_dir(cfg, run_dir)} hold {classes} classes: set data.num_classes={classes}")
+    res = manifest["preprocessing"]["resolution"]
+    if res != cfg.data.resolution:
+        raise ConfigError(f"key 'data.resolution' = {cfg.data.resolution} but the shards in "
+                          f"{shard_dir(cfg, run_dir)} are {res}px: set data.resolution={res} or reshard")
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------- shard
+def stage_shard(cfg, run_dir: Path) -> dict:
+    manifest = data_shards.write_shards(cfg.data.imagenet_dir, rundir.stage_dir(run_dir, "shard"), cfg.shard,
+                                        cfg.data.resolution, progress=True)
+    return {"splits": {s: {**v["totals"], "shards": len(v["shards"])} for s, v in manifest["splits"].items()},
+            "bad_files": len(manifest["bad_files"]), "classes": len(manifest["classes"])}
+
+
+# ------------------------------------------------------------------------------------------------- training
+def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
+    """A class-balanced grid: `per_class` images for each of the first classes, fixed noise every time."""
+
+    def fn(model) -> torch.Tensor:
+        device = next(model.parameters()).device
+        classes = min(cfg.model.num_classes, max_classes)
+        y = torch.arange(classes, device=device).repeat_interleave(per_class)
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        was_training = model.training
+        model.eval()
+        x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
+                   num_classes=cfg.model.num_classes, generator=g)
+        model.train(was_training)
+        return to_uint8(x)
+
+    return fn
+
+
+def _train(cfg, run_dir: Path, stage: str, make_model, trainable) -> dict:
+    tc = cfg[stage]
+    objective = FlowMatching(cfg.objective, cfg.model.num_classes, cfg.model.class_dropout)
+    shards_dir = shard_dir(cfg, run_dir)
+    data_shards.shard_paths(shards_dir, "train")  # fail before DeepSpeed starts when the train split is missing
+
+    def data_fn(micro, rank, world, start_batch):
+        return iter(data_loader.train_loader(shards_dir, micro, seed=tc.seed, rank=rank, world_size=world,
+                                             num_workers=cfg.data.num_workers,
+                                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch))
+
+    task = TrainTask(make_model=make_model, trainable=trainable,
+                     loss_fn=lambda m, x, y: objective.loss(m, x, y),
+                     sample_fn=_sample_fn(cfg), data_fn=data_fn)
+    plain = to_container(cfg)
+    result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,
+                          run_name=f"{cfg.name}/{stage}", group=cfg.name, run_config=plain,
+                          export_meta={"config": plain, "stage": stage})
+    if result.preempted:
+        raise StagePreempted(f"{stage} stopped at step {result.step} on a preemption signal; rerun to resume")
+    samples = sorted((rundir.stage_dir(run_dir, stage) / "samples").glob("*.png"))
+    return {"steps": result.step, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 1),
+            "params_trainable": result.params_trainable, "params_total": result.params_total,
+            "export": str(result.export_dir),
+            "sample_grid": str(samples[-1]) if samples else None}
+
+
+def stage_train_trunk(cfg, run_dir: Path) -> dict:
+    _checked_manifest(cfg, run_dir)
+    return _train(cfg, run_dir, "train_trunk", lambda: build_generator(cfg.model, cfg.data.resolution),
+                  trainable=lambda name: True)
+
+
+def _load_generator(cfg, path: Path):
+    model = build_generator(cfg.model, cfg.data.resolution)
+    state, _ = load_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"weights '{path}' do not fit the generator of this config (missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}): check the model.* keys against the run that made them")
+    return model
+
+
+def stage_train_decoder(cfg, run_dir: Path) -> dict:
+    _checked_manifest(cfg, run_dir)
+    tc = cfg.train_decoder
+    init = Path(tc.init_from) if tc.init_from else rundir.stage_dir(run_dir, "train_trunk") / "export" / "ema.safetensors"
+    load_weights(init)  # fail before DeepSpeed starts when the trunk's export is missing
+    trainable = (lambda name: not name.startswith("trunk.")) if tc.freeze_trunk else (lambda name: True)
+    summary = _train(cfg, run_dir, "train_decoder", lambda: _load_generator(cfg, init), trainable)
+    return {**summary, "init_from": str(init), "trunk_frozen": tc.freeze_trunk}
+
+
+# ------------------------------------------------------------------------------------------------------ fid
+def _generator_weights(cfg, run_dir: Path) -> Path:
+    last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
+    return rundir.stage_dir(run_dir, last) / "export" / ("ema.safetensors" if cfg.fid.ema else "model.safetensors")
+
+
+def stage_fid(cfg, run_dir: Path) -> dict:
+    from rich.progress import Progress
+
+    manifest = _checked_manifest(cfg, run_dir)
+    out = rundir.stage_dir(run_dir, "fid")
+    out.mkdir(parents=True, exist_ok=True)
+    weights, is_proxy = fid_lib.resolve_inception_weights(cfg.fid, out)
+    dist = init_distributed()
+    extractor = fid_lib.InceptionFeatures(weights, device=dist.device, batch_size=cfg.fid.batch_size)
+
+    # Reference statistics of the sharded validation images, cached next to the metrics with what made them.
+    split = cfg.fid.reference_split
+    ref_meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
+                "weights": fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)["weights_sha256"]}
+    ref_path = out / f"reference_{split}.npz"
+    ref_stats = None
+    if ref_path.exists():
+        ref_stats, meta = fid_lib.load_statistics(ref_path)
+        if {k: meta.get(k) for k in ref_meta} != ref_meta:
+            ref_stats = None
+    if ref_stats is None:
+        feats = extractor.extract(data_loader.eval_batches(shard_dir(cfg, run_dir), split, cfg.fid.batch_size),
+                                  progress=True)
+        ref_stats = fid_lib.reference_statistics(feats["2048"])
+        num_ref = feats["2048"].shape[0]
+        fid_lib.save_statistics(ref_path, ref_stats, {**ref_meta, "count": num_ref})
+    num_ref = fid_lib.load_statistics(ref_path)[1]["count"]
+
+    # Class-balanced samples from the (EMA) generator, seeded so a rerun draws the same images.
+    gen_path = _generator_weights(cfg, run_dir)
+    model = _load_generator(cfg, gen_path).to(dist.device).eval()
+    n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
+    labels = torch.arange(n_cls).repeat_interleave(per)
+    g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
+    chunks = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"sampling {labels.numel()} images", total=labels.numel())
+        for i in range(0, labels.numel(), cfg.fid.batch_size):
+            y = labels[i:i + cfg.fid.batch_size].to(dist.device)
+            x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
+                       num_classes=n_cls, generator=g)
+            chunks.append(to_uint8(x).cpu())
+            bar.advance(task, y.numel())
+    images = torch.cat(chunks)
+    # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators.
+    def write_npz(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object, or numpy appends ".npz" to the temporary name
+            np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
+
+    atomic_write(out / "samples.npz", write_npz)
+    show = min(per, 8)
+    grid_idx = torch.cat([torch.arange(c * per, c * per + show) for c in range(min(n_cls, 16))])
+    grid = save_grid(images[grid_idx], out / "samples.png", nrow=show)
+
+    feats = extractor.extract([images[i:i + cfg.fid.batch_size] for i in range(0, len(images), cfg.fid.batch_size)],
+                              progress=True)
+    metrics = fid_lib.compute_metrics(feats, ref_stats)
+    proto = fid_lib.protocol(cfg.fid, weights, is_proxy, len(images), num_ref)
+    result = {
+        "metric_name": proto["metric_name"],
+        "proxy": is_proxy,
+        **metrics,
+        "protocol": proto,
+        "generator_weights": str(gen_path),
+        "sampler": to_container(cfg.sampler),
+        "samples_npz": str(out / "samples.npz"),
+        "sample_grid": str(grid),
+    }
+    atomic_write_json(out / "metrics.json", result)
+    return {"metric_name": proto["metric_name"], "proxy": is_proxy, "fid": metrics["fid"],
+            "isc_mean": metrics["isc_mean"], "metrics": str(out / "metrics.json"), "sample_grid": str(grid)}
+
+
+STAGE_FUNCTIONS = {
+    "shard": stage_shard,
+    "train_trunk": stage_train_trunk,
+    "train_decoder": stage_train_decoder,
+    "fid": stage_fid,
+}
+
+
+def run_stage(name: str, cfg, run_dir: str | Path) -> dict:
+    """Run one stage under the contract; returns its summary (the marker's content)."""
+    run_dir = Path(run_dir)
+    done = rundir.marker(run_dir, name)
+    if done is not None:
+        return done
+    rundir.stage_dir(run_dir, name).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    summary = STAGE_FUNCTIONS[name](cfg, run_dir)
+    summary = {"stage": name, "seconds": round(time.time() - t0, 1), **summary}
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if is_main:
+        rundir.mark_done(run_dir, name, summary)
+    return summary

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+# Tests never reach a network and never need a GPU.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The in-process tests run tiny matmuls: one thread is faster, and on small shared CPUs a multi-threaded
+    BLAS was 10-100x slower. Subprocesses started by the tests keep torch's default."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def fake_imagenet(tmp_path_factory) -> Path:
+    """A small ImageNet-layout folder shared by the pipeline tests (4 classes, 24px)."""
+    from pixelgen.data.fake_imagenet import generate
+
+    out = tmp_path_factory.mktemp("fake-imagenet")
+    generate(out, num_classes=4, train_per_class=12, val_per_class=4, size=24, seed=0, progress=False)
+    return out
+
+
+def pixelgen(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `pixelgen` console command (installed into the venv running the tests)."""
+    exe = Path(sys.executable).parent / "pixelgen"
+    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pixelgen {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,141 @@
+"""The stage contract and the chain, end to end, through the real `pixelgen` command, submitit's local
+executor (real subprocesses), real WebDataset shards, a real DeepSpeed engine (gloo) and torch-fidelity."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pipeline import rundir
+from tests.conftest import TINY, pixelgen
+
+
+def _tree_state(path: Path) -> dict:
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(path.rglob("*")) if p.is_file() and "submitit" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, fake_imagenet):
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
+                    "--executor", "local")
+    return run_dir, proc
+
+
+def test_chain_end_to_end(chain, fake_imagenet):
+    run_dir, proc = chain
+    for stage in ("shard", "train_trunk", "train_decoder", "fid"):
+        assert (run_dir / stage / "DONE.json").is_file(), stage
+    # Shards hold every source image.
+    manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["totals"]["count"] == 4 * 12
+    assert manifest["splits"]["val"]["totals"]["count"] == 4 * 4
+    # Both training stages exported consolidated weights; the decoder stage kept the trunk frozen.
+    trunk = load_file(run_dir / "train_trunk" / "export" / "ema.safetensors")
+    dec_model = load_file(run_dir / "train_decoder" / "export" / "model.safetensors")
+    dec_ema = load_file(run_dir / "train_decoder" / "export" / "ema.safetensors")
+    for k in trunk:
+        if k.startswith("trunk."):
+            assert (trunk[k] == dec_model[k]).all() and (trunk[k] == dec_ema[k]).all(), k
+    assert any(not (trunk[k] == dec_model[k]).all() for k in trunk if k.startswith("decoder."))
+    # Metrics file and sample grid from training.
+    lines = [json.loads(x) for x in (run_dir / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6] and all(x["loss"] > 0 for x in lines)
+    assert list((run_dir / "train_trunk" / "samples").glob("*.png"))
+    # FID result, labelled as a proxy everywhere it appears.
+    metrics = json.loads((run_dir / "fid" / "metrics.json").read_text())
+    assert metrics["proxy"] is True and "proxy" in metrics["metric_name"]
+    assert metrics["fid"] > 0 and metrics["protocol"]["num_gen"] == 4 * 3
+    assert Path(metrics["sample_grid"]).is_file()
+    out = proc.stdout
+    assert "proxy" in out and str(run_dir) in out and "sample grid" in out
+    for stage in ("shard", "train_trunk", "train_decoder", "fid"):
+        assert stage in out
+
+
+def test_rerun_skips_finished_stages(chain, fake_imagenet):
+    run_dir, _ = chain
+    before = _tree_state(run_dir)
+    proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
+                    "--executor", "local")
+    assert proc.stdout.count("already done") == 4
+    after = _tree_state(run_dir)
+    assert before == after  # nothing rewritten
+    # `pixelgen stage` on a finished stage is a no-op too.
+    pixelgen("stage", "train_trunk", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}")
+    assert _tree_state(run_dir) == before
+
+
+def test_status_reports_each_stage(chain):
+    run_dir, _ = chain
+    out = pixelgen("status", str(run_dir)).stdout
+    for stage in ("shard", "train_trunk", "train_decoder", "fid"):
+        assert stage in out
+    assert out.count("done") == 4
+
+
+def test_failed_stage_leaves_no_marker_and_names_the_key(tmp_path, fake_imagenet):
+    run_dir = tmp_path / "run"
+    proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
+                    "stages=[shard,train_trunk,fid]", "fid.allow_random_features=false", "--executor", "local",
+                    check=False)
+    assert proc.returncode == 1
+    assert "fid.inception_weights" in proc.stdout
+    assert (run_dir / "train_trunk" / "DONE.json").is_file()
+    assert not (run_dir / "fid" / "DONE.json").exists()
+    assert not (run_dir / "fid" / "metrics.json").exists()
+
+
+def _train_cmd(run_dir, fake_imagenet, steps, stage="train_trunk"):
+    exe = Path(sys.executable).parent / "pixelgen"
+    return [str(exe), "stage", stage, str(TINY), f"run_dir={run_dir}",
+            f"data.imagenet_dir={fake_imagenet}", f"train_trunk.steps={steps}", "train_trunk.ckpt_every=4",
+            "train_trunk.log_every=1"]
+
+
+def _shard(run_dir, fake_imagenet, steps):
+    subprocess.run(_train_cmd(run_dir, fake_imagenet, steps, stage="shard"), check=True, capture_output=True)
+
+
+def test_killed_training_resumes_from_last_checkpoint(tmp_path, fake_imagenet):
+    steps = 24
+    # The uninterrupted reference run.
+    ref = tmp_path / "ref"
+    _shard(ref, fake_imagenet, steps)
+    subprocess.run(_train_cmd(ref, fake_imagenet, steps), check=True, capture_output=True)
+
+    run = tmp_path / "run"
+    _shard(run, fake_imagenet, steps)
+    proc = subprocess.Popen(_train_cmd(run, fake_imagenet, steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = run / "train_trunk" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step00000008" / "COMPLETE.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "train_trunk" / "DONE.json").exists()
+    killed_at = max(json.loads(x)["step"] for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines())
+    assert 8 <= killed_at < steps
+
+    out = subprocess.run(_train_cmd(run, fake_imagenet, steps), check=True, capture_output=True, text=True)
+    assert "resuming" in out.stderr and "from checkpoint step" in out.stderr
+    records = [json.loads(x) for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))  # no step lost, none logged twice
+    ref_records = [json.loads(x) for x in (ref / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == [r["loss"] for r in ref_records]
+    for name in ("model", "ema"):
+        a = load_file(run / "train_trunk" / "export" / f"{name}.safetensors")
+        b = load_file(ref / "train_trunk" / "export" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] == b[k]).all(), f"{name}:{k} differs after resume"
