@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.eval.config import FIDConfig
+from pixelgen.models import resolve_size
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 
 STAGES = ("shard", "train_trunk", "train_decoder", "fid")
@@ -133,12 +134,14 @@ def validate(cfg, source: str = "config") -> None:
         fail("model.trunk.patch_size", p, f"must divide data.resolution={res} (e.g. {res // 8 or 1})")
     if cfg.model.num_classes != cfg.data.num_classes:
         fail("model.num_classes", cfg.model.num_classes, f"must equal data.num_classes={cfg.data.num_classes}")
-    t = cfg.model.trunk
+    try:
+        t, d = resolve_size(OmegaConf.to_object(cfg.model))  # a named size replaces the dims below
+    except ValueError as err:
+        fail("model.trunk.size", cfg.model.trunk.size, str(err))
     if t.dim % t.heads:
         fail("model.trunk.heads", t.heads, f"must divide model.trunk.dim={t.dim}")
     if (t.dim // t.heads) % 4:
         fail("model.trunk.dim", t.dim, "head dim (dim/heads) must be a multiple of 4 for 2D RoPE")
-    d = cfg.model.decoder
     attn_dim = d.attn_dim or t.dim
     if attn_dim % d.heads or (attn_dim // d.heads) % 4:
         fail("model.decoder.heads", d.heads, f"must divide the attention width {attn_dim} into heads of a multiple of 4")

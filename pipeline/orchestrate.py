@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def _export_distributed_env() -> None:
 def make_executor(kind: str, cfg, run_dir: Path):
     if kind not in EXECUTORS:
         raise ValueError(f"unknown executor '{kind}': choose one of {EXECUTORS}")
+    if kind == "slurm" and shutil.which("sbatch") is None:
+        raise FileNotFoundError("--executor slurm needs SLURM's sbatch on PATH: run from a cluster login node, "
+                                "or use --executor local")
     folder = run_dir / "submitit"
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # pickled jobs are code: owner only
     return submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)

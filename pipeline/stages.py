@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from pipeline import rundir
 from pipeline.config import ConfigError, to_container
@@ -102,12 +103,14 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable) -> dict:
 
 def stage_train_trunk(cfg, run_dir: Path) -> dict:
     _checked_manifest(cfg, run_dir)
-    return _train(cfg, run_dir, "train_trunk", lambda: build_generator(cfg.model, cfg.data.resolution),
-                  trainable=lambda name: True)
+    def make_model():
+        return build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+
+    return _train(cfg, run_dir, "train_trunk", make_model, trainable=lambda name: True)
 
 
 def _load_generator(cfg, path: Path):
-    model = build_generator(cfg.model, cfg.data.resolution)
+    model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
     state, _ = load_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -54,6 +54,8 @@ def test_decoder_stage_without_trunk(tmp_path):
     ("model.num_classes=5", "model.num_classes"),
     ("sampler.cfg_interval=[0.9,0.1]", "sampler.cfg_interval"),
     ("logging.wandb=sometimes", "logging.wandb"),
+    ("model.trunk.size=huge", "model.trunk.size"),
+    ("model.trunk.heads=3", "model.trunk.heads"),
     ("data.imagenet_dir=null", "data.imagenet_dir"),
 ])
 def test_impossible_combinations(tmp_path, override, key):
