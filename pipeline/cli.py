@@ -15,6 +15,8 @@ from rich.text import Text
 from pipeline.config import STAGES, ConfigError, load_config
 
 console = Console()
+# A stage stopped by SIGUSR2/SIGTERM after saving a checkpoint: "temporary failure, try again" (sysexits.h).
+EXIT_PREEMPTED = 75
 
 EPILOG = """examples:
   pixelgen fake-imagenet runs/fake-imagenet
@@ -97,13 +99,17 @@ def print_summary(run_dir: Path, cfg, wall: float) -> None:
 
 def cmd_stage(args) -> int:
     from pipeline import rundir
-    from pipeline.stages import run_stage
+    from pipeline.stages import StagePreempted, run_stage
 
     cfg = _load(args)
     if args.name not in cfg.stages:
         raise ConfigError(f"stage '{args.name}' is not in this config's key 'stages' {list(cfg.stages)}")
     run_dir = rundir.prepare(cfg)
-    summary = run_stage(args.name, cfg, run_dir)
+    try:
+        summary = run_stage(args.name, cfg, run_dir)
+    except StagePreempted as err:
+        console.print(f"[yellow]{err}[/yellow]")
+        return EXIT_PREEMPTED
     console.print_json(json.dumps(summary, default=str))
     return 0
 

@@ -98,7 +98,8 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable) -> dict:
     return {"steps": result.step, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 1),
             "params_trainable": result.params_trainable, "params_total": result.params_total,
             "export": str(result.export_dir),
-            "sample_grid": str(samples[-1]) if samples else None}
+            "sample_grid": str(samples[-1]) if samples else None,
+            "curves": str(rundir.stage_dir(run_dir, stage) / "curves.png")}
 
 
 def stage_train_trunk(cfg, run_dir: Path) -> dict:

@@ -139,3 +139,44 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, fake_imagenet):
         assert a.keys() == b.keys()
         for k in a:
             assert (a[k] == b[k]).all(), f"{name}:{k} differs after resume"
+
+
+def test_preemption_signal_checkpoints_then_resume_finishes(tmp_path, fake_imagenet):
+    steps = 80
+    run = tmp_path / "run"
+    # ckpt_every larger than the run: the only checkpoint before the end is the one the signal causes.
+    cmd = _train_cmd(run, fake_imagenet, steps) + ["train_trunk.ckpt_every=1000"]
+    subprocess.run([*cmd[:2], "shard", *cmd[3:]], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "train_trunk" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out
+    assert "preemption" in out
+    tags = sorted(p.name for p in (run / "train_trunk" / "checkpoints").glob("step*") if (p / "COMPLETE.json").exists())
+    assert len(tags) == 1 and 5 <= int(tags[0][4:]) < steps
+    assert not (run / "train_trunk" / "DONE.json").exists()
+
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert f"from checkpoint step {int(tags[0][4:])}" in out.stderr
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert (run / "train_trunk" / "curves.png").is_file()
+
+
+def test_two_ranks_through_the_local_executor(tmp_path, fake_imagenet):
+    run = tmp_path / "run"
+    pixelgen("run", str(TINY), f"run_dir={run}", f"data.imagenet_dir={fake_imagenet}",
+             "stages=[shard,train_trunk]", "launch.train_trunk.tasks=2", "--executor", "local")
+    assert (run / "train_trunk" / "DONE.json").is_file()
+    # Only rank 0 logs: one record per logging step.
+    records = [json.loads(x) for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    # Each rank wrote its own ZeRO optimizer shard into the complete checkpoint.
+    last = run / "train_trunk" / "checkpoints" / "step00000006"
+    assert (last / "COMPLETE.json").is_file()
+    assert len(list(last.glob("*optim_states.pt"))) == 2

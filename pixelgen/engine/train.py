@@ -26,7 +26,7 @@ from pixelgen.engine.dist import DistInfo, init_distributed
 from pixelgen.engine.ema import EMA
 from pixelgen.engine.export import export_weights
 from pixelgen.engine.logger import MetricsLogger, console
-from pixelgen.viz import save_grid
+from pixelgen.viz import plot_metrics, save_grid
 
 
 @dataclass
@@ -219,6 +219,8 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
         sample_grid(step)
         export_dir = export_weights(engine, ema, out_dir / "export", dist.is_main, meta=export_meta)
     log.close()
+    if dist.is_main and log.path.exists():
+        plot_metrics(log.path, out_dir / "curves.png")
     return TrainResult(step=step, preempted=preempted, seconds=time.time() - t_start, final_loss=last_loss,
                        export_dir=export_dir, params_trainable=sum(getattr(p, "ds_numel", p.numel()) for _, p in named_trainable),
                        params_total=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()))
