@@ -14,7 +14,7 @@ from rich.text import Text
 
 from pipeline.config import STAGES, ConfigError, load_config
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths and messages stay on one line, copyable
 # A stage stopped by SIGUSR2/SIGTERM after saving a checkpoint: "temporary failure, try again" (sysexits.h).
 EXIT_PREEMPTED = 75
 
@@ -56,6 +56,10 @@ def cmd_run(args) -> int:
         console.print(f"Fix the cause and rerun the same command: finished stages are skipped, "
                       f"'{err.stage}' resumes from its last checkpoint.")
         return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the running stage was stopped; rerun the same command to resume "
+                      "from its last checkpoint[/yellow]")
+        return 130
     if args.executor == "slurm":
         for stage, info in results.items():
             console.print(f"{stage}: job {info.get('job_id', 'done')}")
@@ -203,10 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.rundir import StageBusy
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, StageBusy) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
 

@@ -125,12 +125,16 @@ def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict
             results[stage] = {"job_id": job.job_id}
             previous = job
             continue
-        if echo:
-            _stream_logs(job, echo)
         try:
+            if echo:
+                _stream_logs(job, echo)
             outcome = job.results()  # one entry per task; rank 0's is the summary
         except submitit.core.utils.FailedJobError as err:
             raise StageFailed(stage, job, err) from None
+        except KeyboardInterrupt:
+            # A local job outlives its submitter; left running, it would race the rerun that resumes it.
+            job.cancel(check=False)
+            raise
         results[stage] = outcome[0]
         if on_done:
             on_done(stage, results[stage])

@@ -8,7 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -99,3 +103,36 @@ def marker(run_dir: str | Path, stage: str) -> dict | None:
 
 def mark_done(run_dir: str | Path, stage: str, summary: dict) -> None:
     atomic_write_json(stage_dir(run_dir, stage) / MARKER, summary)
+
+
+class StageBusy(RuntimeError):
+    """Another process is running this stage of this run folder."""
+
+
+@contextlib.contextmanager
+def stage_lock(run_dir: str | Path, stage: str):
+    """Hold an exclusive lock on the stage folder while the stage runs, so a second launch of the same stage
+    (a double submission, a local job left running) fails fast instead of writing into the same files.
+    The kernel drops the lock when the holder dies, so a killed run leaves no stale lock. Rank 0 only:
+    the other ranks of a multi-task job belong to the holder."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = stage_dir(run_dir, stage) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StageBusy(f"stage '{stage}' of {run_dir} is already running ({holder}); wait for it, or stop "
+                            f"it and rerun to resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

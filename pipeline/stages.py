@@ -223,11 +223,14 @@ def run_stage(name: str, cfg, run_dir: str | Path) -> dict:
     done = rundir.marker(run_dir, name)
     if done is not None:
         return done
-    rundir.stage_dir(run_dir, name).mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    summary = STAGE_FUNCTIONS[name](cfg, run_dir)
-    summary = {"stage": name, "seconds": round(time.time() - t0, 1), **summary}
-    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if is_main:
-        rundir.mark_done(run_dir, name, summary)
+    with rundir.stage_lock(run_dir, name):
+        done = rundir.marker(run_dir, name)  # it may have finished while we waited to start
+        if done is not None:
+            return done
+        t0 = time.time()
+        summary = STAGE_FUNCTIONS[name](cfg, run_dir)
+        summary = {"stage": name, "seconds": round(time.time() - t0, 1), **summary}
+        is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if is_main:
+            rundir.mark_done(run_dir, name, summary)
     return summary

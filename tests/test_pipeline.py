@@ -180,3 +180,24 @@ def test_two_ranks_through_the_local_executor(tmp_path, fake_imagenet):
     last = run / "train_trunk" / "checkpoints" / "step00000006"
     assert (last / "COMPLETE.json").is_file()
     assert len(list(last.glob("*optim_states.pt"))) == 2
+
+
+def test_a_stage_already_running_is_refused(tmp_path, fake_imagenet):
+    run = tmp_path / "run"
+    cfg_args = [str(TINY), f"run_dir={run}", f"data.imagenet_dir={fake_imagenet}"]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pipeline import rundir\n"
+        f"with rundir.stage_lock({str(run)!r}, 'shard'):\n"
+        "    print('locked', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = pixelgen("stage", "shard", *cfg_args, check=False)
+        assert proc.returncode == 2
+        assert "already running" in proc.stdout and f"pid {holder.pid}" in proc.stdout
+        assert not (run / "shard" / "DONE.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without unlocking: the kernel released the lock, so the stage now runs.
+    pixelgen("stage", "shard", *cfg_args)
+    assert (run / "shard" / "DONE.json").is_file()
