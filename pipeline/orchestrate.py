@@ -83,21 +83,24 @@ def _stream_logs(job, echo, poll_s: float = 0.5) -> None:
     paths = [Path(job.paths.stdout), Path(job.paths.stderr)]
     offsets = dict.fromkeys(paths, 0)
 
-    def pump():
+    def pump(final: bool = False):
         for path in paths:
-            if path.exists():
-                with open(path, errors="replace") as f:
-                    f.seek(offsets[path])
-                    chunk = f.read()
-                    offsets[path] = f.tell()
-                for line in chunk.splitlines():
-                    if line.strip() and not _NOISE.search(line):
-                        echo(line)
+            if not path.exists():
+                continue
+            with open(path, "rb") as f:
+                f.seek(offsets[path])
+                chunk = f.read()
+            if not final:  # a line still being written waits for its newline
+                chunk = chunk[:chunk.rfind(b"\n") + 1]
+            offsets[path] += len(chunk)
+            for line in chunk.decode(errors="replace").splitlines():
+                if line.strip() and not _NOISE.search(line):
+                    echo(line)
 
     while not job.done():
         pump()
         time.sleep(poll_s)
-    pump()
+    pump(final=True)
 
 
 # Lines that say nothing to a person watching a run: DeepSpeed's per-rank info logs, submitit's own.

@@ -148,12 +148,14 @@ def stage_fid(cfg, run_dir: Path) -> dict:
 
     # Reference statistics of the sharded validation images, cached next to the metrics with what made them.
     split = cfg.fid.reference_split
+    proto = fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)  # hashes the weights file once
     ref_meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
-                "weights": fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)["weights_sha256"]}
+                "weights": proto["weights_sha256"]}
     ref_path = out / f"reference_{split}.npz"
     ref_stats = None
     if ref_path.exists():
         ref_stats, meta = fid_lib.load_statistics(ref_path)
+        num_ref = meta.get("count")
         if {k: meta.get(k) for k in ref_meta} != ref_meta:
             ref_stats = None
     if ref_stats is None:
@@ -162,7 +164,6 @@ def stage_fid(cfg, run_dir: Path) -> dict:
         ref_stats = fid_lib.reference_statistics(feats["2048"])
         num_ref = feats["2048"].shape[0]
         fid_lib.save_statistics(ref_path, ref_stats, {**ref_meta, "count": num_ref})
-    num_ref = fid_lib.load_statistics(ref_path)[1]["count"]
 
     # Class-balanced samples from the (EMA) generator, seeded so a rerun draws the same images.
     gen_path = _generator_weights(cfg, run_dir)
@@ -193,7 +194,7 @@ def stage_fid(cfg, run_dir: Path) -> dict:
     feats = extractor.extract([images[i:i + cfg.fid.batch_size] for i in range(0, len(images), cfg.fid.batch_size)],
                               progress=True)
     metrics = fid_lib.compute_metrics(feats, ref_stats)
-    proto = fid_lib.protocol(cfg.fid, weights, is_proxy, len(images), num_ref)
+    proto = {**proto, "num_gen": len(images), "num_ref": num_ref}
     result = {
         "metric_name": proto["metric_name"],
         "proxy": is_proxy,

@@ -155,7 +155,7 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
     if resumed is not None:
         step, client = resumed
         ema.load_state_dict(client["ema"])
-        _set_rng_state(client["rng"][dist.rank] if isinstance(client["rng"], list) else client["rng"])
+        _set_rng_state(client["rng"][dist.rank])
         if dist.is_main:
             console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}")
     log = MetricsLogger(out_dir, logging, enabled=dist.is_main, run_name=run_name, group=group,
@@ -213,8 +213,9 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
             sample_grid(step)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save(step)
-        if flag.agreed(dist, step):
-            if step % cfg.ckpt_every and step != cfg.steps:
+        # A signal during the last step changes nothing: the run is complete and goes on to its export.
+        if step < cfg.steps and flag.agreed(dist, step):
+            if step % cfg.ckpt_every:
                 save(step)
             preempted = True
             break
@@ -227,6 +228,9 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
     log.close()
     if dist.is_main and log.path.exists():
         plot_metrics(log.path, out_dir / "curves.png")
+    def numel(p):  # ZeRO-3 leaves an empty local tensor and keeps the full size in ds_numel
+        return getattr(p, "ds_numel", p.numel())
+
     return TrainResult(step=step, preempted=preempted, seconds=time.time() - t_start, final_loss=last_loss,
-                       export_dir=export_dir, params_trainable=sum(getattr(p, "ds_numel", p.numel()) for _, p in named_trainable),
-                       params_total=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()))
+                       export_dir=export_dir, params_trainable=sum(numel(p) for _, p in named_trainable),
+                       params_total=sum(numel(p) for p in model.parameters()))
