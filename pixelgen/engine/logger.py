@@ -7,12 +7,9 @@ import os
 import uuid
 from pathlib import Path
 
-from rich.console import Console
-
 from pixelgen.engine.config import LoggingConfig
 from pixelgen.io import atomic_write_text
-
-console = Console(stderr=True)
+from pixelgen.progress import console
 
 
 class MetricsLogger:
