@@ -24,6 +24,7 @@ EPILOG = """examples:
   pixelgen run configs/demo.yaml train_trunk.steps=500 run_dir=runs/longer --executor local
   pixelgen stage train_trunk configs/demo.yaml
   pixelgen status runs/demo
+  pixelgen shards verify runs/demo/shard
 """
 
 
@@ -109,12 +110,71 @@ def cmd_stage(args) -> int:
     if args.name not in cfg.stages:
         raise ConfigError(f"stage '{args.name}' is not in this config's key 'stages' {list(cfg.stages)}")
     run_dir = rundir.prepare(cfg)
+    task = array_task(cfg.shard.array_tasks) if args.name == "shard" else None
     try:
-        summary = run_stage(args.name, cfg, run_dir)
+        summary = run_stage(args.name, cfg, run_dir, task=task)
     except StagePreempted as err:
         console.print(f"[yellow]{err}[/yellow]")
         return EXIT_PREEMPTED
     console.print_json(json.dumps(summary, default=str))
+    return 0
+
+
+def array_task(tasks: int) -> int | None:
+    """This process's index in a SLURM job array (0-based), when the work is split into `tasks` > 1 parts."""
+    import os
+
+    if tasks <= 1 or "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return None
+    task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", tasks))
+    if count != tasks:
+        raise ConfigError(f"this SLURM array has {count} tasks but shard.array_tasks = {tasks}: submit it with "
+                          f"--array=0-{tasks - 1}, or set shard.array_tasks={count}")
+    return task
+
+
+def cmd_shards_write(args) -> int:
+    from omegaconf import OmegaConf
+
+    from pixelgen.data.config import ShardConfig
+    from pixelgen.data.shards import BAD_FILES, write_shards
+
+    overrides = OmegaConf.from_dotlist(args.overrides)
+    resolution = overrides.pop("resolution", 256)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ShardConfig), overrides)
+    except Exception as err:  # OmegaConf names the key and the expected type
+        raise ConfigError(f"command line: {err}".splitlines()[0]) from None
+    cfg = OmegaConf.to_object(cfg)
+    task = array_task(cfg.array_tasks)
+    manifest = write_shards(args.src, args.out, cfg, int(resolution), progress=True, task=task)
+    if manifest is None:
+        console.print(f"array task {task} of {cfg.array_tasks} done; the last task to finish writes the manifest")
+        return 0
+    for split, info in manifest["splits"].items():
+        console.print(f"{split}: {info['totals']['count']} images in {len(info['shards'])} shards "
+                      f"({info['totals']['bytes'] / 1e9:.2f} GB, {info['samples_per_shard']} per shard), "
+                      f"layout {manifest['source']['splits'][split]['layout']}")
+    if manifest["bad_files"]:
+        console.print(f"[yellow]skipped {len(manifest['bad_files'])} unreadable files, listed in "
+                      f"{Path(args.out) / BAD_FILES}[/yellow]")
+    console.print(f"manifest: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def cmd_shards_verify(args) -> int:
+    from pixelgen.data.shards import read_manifest, verify_shards
+
+    problems = verify_shards(args.shard_dir, workers=args.workers)
+    for problem in problems:
+        console.print(f"[red]✗[/red] {problem}")
+    shards = sum(len(s["shards"]) for s in read_manifest(args.shard_dir)["splits"].values())
+    if problems:
+        console.print(f"[red]{len(problems)} of {shards} shards do not match the manifest[/red]: rerun the shard "
+                      f"stage (or `pixelgen shards write` with the same settings) to rewrite them")
+        return 1
+    console.print(f"[green]✓[/green] all {shards} shards match {Path(args.shard_dir) / 'manifest.json'}")
     return 0
 
 
@@ -192,6 +252,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder (run_dir of the config)")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("shards", formatter_class=fmt, help="write or verify WebDataset shards outside a run",
+                       description="Shard an ImageNet folder once, to point many runs at it (data.shard_dir), or "
+                                   "check shards against their manifest.")
+    shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
+    q = shards_sub.add_parser(
+        "write", formatter_class=fmt, help="shard an ImageNet folder",
+        description="Shard an ImageNet folder (train/<wnid>/*.JPEG; val as <wnid>/ folders, or flat with "
+                    "LOC_val_solution.csv or the devkit's labels; or the Kaggle release root). Resumable: rerun "
+                    "the same command after an interruption. Inside a SLURM job array with shard.array_tasks=N "
+                    "(sbatch --array=0-<N-1>) each task writes its own range of shards.",
+        epilog="examples:\n  pixelgen shards write /data/imagenet /data/imagenet-256-png workers=16\n"
+               "  pixelgen shards write /data/imagenet /data/in512 resolution=512 image_format=webp\n"
+               "  sbatch --array=0-31 slurm/shard_array.sbatch /data/imagenet /data/imagenet-256-png 256")
+    q.add_argument("src", help="ImageNet folder")
+    q.add_argument("out", help="shard folder to write")
+    q.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="resolution=256 (the center crop size) and the shard settings: "
+                        "image_format=png|webp|jpg|original, max_count=, max_bytes=, workers=, splits=[train,val], "
+                        "seed=, array_tasks=, val_labels=, jpeg_quality=")
+    q.set_defaults(func=cmd_shards_write)
+    q = shards_sub.add_parser("verify", help="check every shard's size and sha256 against the manifest",
+                              description="Check every shard of DIR against DIR/manifest.json; exit 1 naming each "
+                                          "shard that is missing or differs.")
+    q.add_argument("shard_dir", help="folder with manifest.json")
+    q.add_argument("--workers", type=int, default=4, help="shards hashed in parallel (default 4)")
+    q.set_defaults(func=cmd_shards_verify)
+
     p = sub.add_parser("fake-imagenet", formatter_class=fmt, help="generate a small ImageNet-layout dataset",
                        description="Write a small synthetic dataset in ImageNet's layout "
                                    "(train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_<n>.JPEG) whose "
@@ -212,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, StageBusy) as err:
+    except (ConfigError, FileNotFoundError, PermissionError, StageBusy, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
 

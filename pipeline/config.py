@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.eval.config import FIDConfig
@@ -153,8 +154,10 @@ def validate(cfg, source: str = "config") -> None:
         fail("sampler.cfg_interval", list(cfg.sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
     if cfg.objective.kind != "flow_velocity":
         fail("objective.kind", cfg.objective.kind, "only 'flow_velocity' exists so far")
-    if cfg.shard.image_format not in ("png", "jpg"):
-        fail("shard.image_format", cfg.shard.image_format, "must be 'png' or 'jpg'")
+    try:
+        data_shards.validate_config(cfg.shard, cfg.data.resolution)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
     if "shard" in stages and not cfg.data.imagenet_dir:
         fail("data.imagenet_dir", cfg.data.imagenet_dir,

@@ -26,16 +26,17 @@ class StageJob(submitit.helpers.Checkpointable):
     """One stage as a submitit callable. Requeued on preemption (`checkpoint` is submitit's default: resubmit
     this object); the stage itself resumes from the run folder."""
 
-    def __init__(self, stage: str, run_dir: str):
+    def __init__(self, stage: str, run_dir: str, task: int | None = None):
         self.stage = stage
         self.run_dir = run_dir
+        self.task = task  # index in the stage's job array (the shard stage), else None
 
     def __call__(self) -> dict:
         from pipeline.stages import run_stage
 
         _export_distributed_env()
         cfg = rundir.load_run_config(self.run_dir)
-        return run_stage(self.stage, cfg, self.run_dir)
+        return run_stage(self.stage, cfg, self.run_dir, task=self.task)
 
 
 def _export_distributed_env() -> None:
@@ -121,24 +122,34 @@ def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict
             if on_done:
                 on_done(stage, results[stage])
             continue
-        dependency = f"afterok:{previous.job_id}" if (kind == "slurm" and previous is not None) else None
+        # afterok on an array's id waits for all of its tasks ("123_0" is task 0 of array 123).
+        dependency = f"afterok:{previous}" if (kind == "slurm" and previous is not None) else None
         _configure(executor, kind, cfg, stage, dependency)
-        job = executor.submit(StageJob(stage, str(run_dir)))
+        tasks = cfg.shard.array_tasks if stage == "shard" else 1
+        if tasks > 1:  # one job array: each task writes its own range of shards
+            with executor.batch():
+                jobs = [executor.submit(StageJob(stage, str(run_dir), task=t)) for t in range(tasks)]
+        else:
+            jobs = [executor.submit(StageJob(stage, str(run_dir)))]
         if kind == "slurm":
-            results[stage] = {"job_id": job.job_id}
-            previous = job
+            results[stage] = {"job_id": jobs[0].job_id.split("_")[0]}
+            previous = results[stage]["job_id"]
             continue
-        try:
-            if echo:
-                _stream_logs(job, echo)
-            outcome = job.results()  # one entry per task; rank 0's is the summary
-        except submitit.core.utils.FailedJobError as err:
-            raise StageFailed(stage, job, err) from None
-        except KeyboardInterrupt:
-            # A local job outlives its submitter; left running, it would race the rerun that resumes it.
-            job.cancel(check=False)
-            raise
-        results[stage] = outcome[0]
+        outcomes = []
+        for job in jobs:
+            try:
+                if echo:
+                    _stream_logs(job, echo)
+                outcomes.append(job.results()[0])  # one entry per task; rank 0's is the summary
+            except submitit.core.utils.FailedJobError as err:
+                raise StageFailed(stage, job, err) from None
+            except KeyboardInterrupt:
+                # A local job outlives its submitter; left running, it would race the rerun that resumes it.
+                for j in jobs:
+                    j.cancel(check=False)
+                raise
+        # Of an array, the task that finished the stage returns its summary; the others report their part.
+        results[stage] = next((o for o in outcomes if not o.get("incomplete")), outcomes[-1])
         if on_done:
             on_done(stage, results[stage])
     return results

@@ -110,7 +110,7 @@ class StageBusy(RuntimeError):
 
 
 @contextlib.contextmanager
-def stage_lock(run_dir: str | Path, stage: str):
+def stage_lock(run_dir: str | Path, stage: str, task: int | None = None):
     """Hold an exclusive lock on the stage folder while the stage runs, so a second launch of the same stage
     (a double submission, a local job left running) fails fast instead of writing into the same files.
     The kernel drops the lock when the holder dies, so a killed run leaves no stale lock. Rank 0 only:
@@ -118,7 +118,8 @@ def stage_lock(run_dir: str | Path, stage: str):
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    path = stage_dir(run_dir, stage) / ".lock"
+    # Each task of a job array (the shard stage's) holds its own lock: they are meant to run together.
+    path = stage_dir(run_dir, stage) / (".lock" if task is None else f".lock-task{task}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -126,7 +127,8 @@ def stage_lock(run_dir: str | Path, stage: str):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise StageBusy(f"stage '{stage}' of {run_dir} is already running ({holder}); wait for it, or stop "
+            what = stage if task is None else f"{stage} (array task {task})"
+            raise StageBusy(f"stage '{what}' of {run_dir} is already running ({holder}); wait for it, or stop "
                             f"it and rerun to resume") from None
         f.seek(0)
         f.truncate()

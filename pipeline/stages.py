@@ -18,11 +18,11 @@ from pixelgen.data import shards as data_shards
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.engine.dist import init_distributed
 from pixelgen.engine.export import load_weights
-from pixelgen.engine.logger import console
 from pixelgen.engine.train import TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
 from pixelgen.io import atomic_write, atomic_write_json
 from pixelgen.models import build_generator
+from pixelgen.progress import console
 from pixelgen.viz import save_grid, to_uint8
 
 
@@ -41,18 +41,26 @@ def _checked_manifest(cfg, run_dir: Path) -> dict:
         raise ConfigError(f"key 'data.num_classes' = {cfg.data.num_classes} but the shards in "
                           f"{shard_dir(cfg, run_dir)} hold {classes} classes: set data.num_classes={classes}")
     res = manifest["preprocessing"]["resolution"]
-    if res != cfg.data.resolution:
+    if res is not None and res != cfg.data.resolution:  # None: original bytes, cropped by the loader
         raise ConfigError(f"key 'data.resolution' = {cfg.data.resolution} but the shards in "
                           f"{shard_dir(cfg, run_dir)} are {res}px: set data.resolution={res} or reshard")
     return manifest
 
 
 # ----------------------------------------------------------------------------------------------------- shard
-def stage_shard(cfg, run_dir: Path) -> dict:
+def stage_shard(cfg, run_dir: Path, task: int | None = None) -> dict:
+    """All shards, or one array task's range of them (`task`); incomplete until the last task writes the manifest."""
     manifest = data_shards.write_shards(cfg.data.imagenet_dir, rundir.stage_dir(run_dir, "shard"), cfg.shard,
-                                        cfg.data.resolution, progress=True)
+                                        cfg.data.resolution, progress=True, task=task)
+    if manifest is None:
+        return {"incomplete": True, "task": task}
+    bad = manifest["bad_files"]
+    if bad:
+        console.print(f"shard: skipped {len(bad)} unreadable source files, listed in "
+                      f"{rundir.stage_dir(run_dir, 'shard') / data_shards.BAD_FILES}", soft_wrap=True)
     return {"splits": {s: {**v["totals"], "shards": len(v["shards"])} for s, v in manifest["splits"].items()},
-            "bad_files": len(manifest["bad_files"]), "classes": len(manifest["classes"])}
+            "bad_files": len(bad), "classes": len(manifest["classes"]),
+            "layouts": {s: v["layout"] for s, v in manifest["source"]["splits"].items()}}
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -218,20 +226,24 @@ STAGE_FUNCTIONS = {
 }
 
 
-def run_stage(name: str, cfg, run_dir: str | Path) -> dict:
-    """Run one stage under the contract; returns its summary (the marker's content)."""
+def run_stage(name: str, cfg, run_dir: str | Path, task: int | None = None) -> dict:
+    """Run one stage under the contract; returns its summary (the marker's content).
+
+    `task`: this process is one task of the stage's job array (the shard stage); it does its part, and only
+    the task that completes the stage writes the marker.
+    """
     run_dir = Path(run_dir)
     done = rundir.marker(run_dir, name)
     if done is not None:
         return done
-    with rundir.stage_lock(run_dir, name):
+    with rundir.stage_lock(run_dir, name, task):
         done = rundir.marker(run_dir, name)  # it may have finished while we waited to start
         if done is not None:
             return done
         t0 = time.time()
-        summary = STAGE_FUNCTIONS[name](cfg, run_dir)
+        summary = STAGE_FUNCTIONS[name](cfg, run_dir, **({} if task is None else {"task": task}))
         summary = {"stage": name, "seconds": round(time.time() - t0, 1), **summary}
         is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if is_main:
+        if is_main and not summary.get("incomplete"):
             rundir.mark_done(run_dir, name, summary)
     return summary

@@ -1,26 +1,29 @@
-"""Data components: fake ImageNet, shard stage, train/eval loaders. Tiny sizes; the file runs in seconds."""
+"""Data components: fake ImageNet and the shard stage. Tiny sizes. (Source layouts: test_sources.py; loaders:
+test_loader.py.)"""
 
 import dataclasses
 import glob
 import hashlib
 import io
-import itertools
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import tarfile
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
 from pixelgen.data import fake_imagenet, shards
 from pixelgen.data.config import ShardConfig
-from pixelgen.data.loader import eval_batches, to_float, train_loader
-from pixelgen.data.shards import read_manifest, shard_paths, write_shards
+from pixelgen.data.shards import read_manifest, shard_paths, verify_shards, write_shards
+from tests.conftest import pixelgen
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIZE = 4, 6, 3, 32
 RES = 16  # < SIZE / 2, so the BOX-halving step of the ADM crop runs too
@@ -42,10 +45,12 @@ def mtimes(root) -> dict[str, int]:
 
 
 def source_images(src_dir, split) -> dict[str, tuple[str, int]]:
-    """{sample key: (path, class index)} for the images of a split of the fake set."""
+    """{sample key: (path, class index)} for the readable images of a split of the fake set."""
     wnids = sorted(os.listdir(os.path.join(src_dir, "train")))
     out = {}
     for path in glob.glob(os.path.join(src_dir, split, "*", "*.JPEG")):
+        if path.endswith(tuple(f"_{kind}.JPEG" for kind in fake_imagenet.BAD_FILES)):
+            continue
         wnid = os.path.basename(os.path.dirname(path))
         out[os.path.basename(path)[: -len(".JPEG")]] = (path, wnids.index(wnid))
     return out
@@ -78,22 +83,36 @@ def test_fake_imagenet_layout_and_naming(fake_dir):
     wnids = [f"n{k:08d}" for k in range(CLASSES)]
     assert sorted(os.listdir(os.path.join(fake_dir, "train"))) == wnids
     assert sorted(os.listdir(os.path.join(fake_dir, "val"))) == wnids
+    bad = [f"n00000000_{kind}.JPEG" for kind in fake_imagenet.BAD_FILES]
     for wnid in wnids:
         names = sorted(os.listdir(os.path.join(fake_dir, "train", wnid)))
-        assert names == sorted(f"{wnid}_{n}.JPEG" for n in range(TRAIN_PER_CLASS))
+        assert names == sorted([f"{wnid}_{n}.JPEG" for n in range(TRAIN_PER_CLASS)] + (bad if wnid == wnids[0] else []))
     val_names = [os.path.basename(p) for p in glob.glob(os.path.join(fake_dir, "val", "*", "*"))]
     assert all(re.fullmatch(r"ILSVRC2012_val_\d{8}\.JPEG", n) for n in val_names)
     assert sorted(int(n[15:23]) for n in val_names) == list(range(1, CLASSES * VAL_PER_CLASS + 1))
 
-    widths = set()
+    with open(os.path.join(fake_dir, ".complete.json")) as f:
+        summary = json.load(f)
+    assert summary["params"]["num_classes"] == CLASSES
+    odd = {os.path.join(fake_dir, rel): kind for kind, rel in summary["odd_files"].items()}
+    assert sorted(odd.values()) == ["cmyk", "grayscale", "png"]
+    assert summary["bad_files"] == [f"train/n00000000/{name}" for name in bad]
+    widths, seen = set(), {}
     for path in glob.glob(os.path.join(fake_dir, "*", "*", "*")):
+        if os.path.basename(path) in bad:
+            continue
         with Image.open(path) as image:
-            assert image.format == "JPEG" and image.mode == "RGB"
+            seen[(image.format, image.mode)] = seen.get((image.format, image.mode), 0) + 1
+            assert image.format == {"png": "PNG"}.get(odd.get(path), "JPEG")
+            assert image.mode == {"cmyk": "CMYK", "grayscale": "L"}.get(odd.get(path), "RGB")
             assert image.height == SIZE and SIZE <= image.width <= 1.3 * SIZE
             widths.add(image.width)
     assert len(widths) > 1, "aspect ratio should vary so that center cropping matters"
-    with open(os.path.join(fake_dir, ".complete.json")) as f:
-        assert json.load(f)["params"]["num_classes"] == CLASSES
+    assert seen[("JPEG", "CMYK")] == seen[("JPEG", "L")] == seen[("PNG", "RGB")] == 1
+    with open(os.path.join(fake_dir, "train", "n00000000", bad[1]), "rb") as f:
+        assert f.read() == b""  # the empty one
+    names = open(os.path.join(fake_dir, "LOC_synset_mapping.txt")).read().splitlines()
+    assert [line.split(" ", 1)[0] for line in names] == wnids
 
 
 def test_fake_imagenet_deterministic_and_idempotent(fake_dir, tmp_path):
@@ -122,9 +141,10 @@ def test_fake_imagenet_classes_distinguishable(tmp_path):
     def features(split):
         xs, ys = [], []
         for k in range(num_classes):
-            for path in sorted(glob.glob(str(tmp_path / "set" / split / f"n{k:08d}" / "*"))):
+            # the numbered images: the fake set's deliberately broken files are not images
+            for path in sorted(glob.glob(str(tmp_path / "set" / split / f"n{k:08d}" / "*[0-9].JPEG"))):
                 with Image.open(path) as image:
-                    xs.append(np.asarray(image.resize((8, 8), Image.BOX), np.float32).ravel())
+                    xs.append(np.asarray(image.convert("RGB").resize((8, 8), Image.BOX), np.float32).ravel())
                 ys.append(k)
         return np.stack(xs), np.array(ys)
 
@@ -186,11 +206,20 @@ def test_manifest_matches_files(fake_dir, shard_dir):
     assert manifest["classes"] == [f"n{k:08d}" for k in range(CLASSES)]
     assert manifest["preprocessing"] == {"resolution": RES, "crop": "adm_center", "format": "png", "quality": None}
     assert manifest["source_dir"] == os.path.abspath(fake_dir)
-    assert manifest["seed"] == CFG.seed and manifest["bad_files"] == []
+    assert manifest["seed"] == CFG.seed
+    assert [os.path.basename(b["path"]) for b in manifest["bad_files"]] == sorted(
+        f"n00000000_{kind}.JPEG" for kind in fake_imagenet.BAD_FILES)
+    assert manifest["class_names"]["n00000001"] == fake_imagenet.class_name(1)
+    assert {s: v["layout"] for s, v in manifest["source"]["splits"].items()} == {"train": "class_folders",
+                                                                              "val": "class_folders"}
     for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         entry = manifest["splits"][split]
         assert entry["totals"]["count"] == CLASSES * per_class
-        assert [s["count"] for s in entry["shards"]][:-1] == [CFG.max_count] * (len(entry["shards"]) - 1)
+        assert entry["samples_per_shard"] == CFG.max_count  # max_bytes (500 MB) is far away
+        planned = [CFG.max_count] * (len(entry["shards"]) - 1)
+        bad_in = [sum(b["shard"] == s["file"] for b in manifest["bad_files"]) for s in entry["shards"]]
+        # Every shard holds its planned samples, less the bad files planned into it.
+        assert [s["count"] + n for s, n in zip(entry["shards"], bad_in)][:-1] == planned
         for shard in entry["shards"]:
             path = os.path.join(shard_dir, shard["file"])
             with open(path, "rb") as f:
@@ -204,8 +233,12 @@ def test_manifest_matches_files(fake_dir, shard_dir):
         assert entry["totals"]["bytes"] == sum(s["bytes"] for s in entry["shards"])
     assert manifest["totals"]["count"] == CLASSES * (TRAIN_PER_CLASS + VAL_PER_CLASS)
     assert sorted(os.listdir(shard_dir)) == sorted(
-        ["manifest.json"] + [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+        [".shard.lock", "bad_files.csv", "manifest.json"]
+        + [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
     )
+    with open(os.path.join(shard_dir, "bad_files.csv")) as f:
+        rows = f.read().splitlines()
+    assert rows[0] == "split,shard,path,reason" and len(rows) == 1 + len(manifest["bad_files"])
 
 
 def test_rerun_is_noop_and_output_does_not_depend_on_workers(fake_dir, shard_dir, tmp_path):
@@ -249,7 +282,7 @@ def test_resume_after_interrupted_run(fake_dir, shard_dir, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         write_shards(fake_dir, str(tmp_path), cfg, RES, progress=False)
     monkeypatch.undo()
-    assert not (tmp_path / "manifest.json").exists() and (tmp_path / "progress.json").exists()
+    assert not (tmp_path / "manifest.json").exists() and (tmp_path / "progress-all.json").exists()
     (tmp_path / "train-000003.tar").write_bytes(b"renamed but never recorded")  # e.g. killed before the record
     done_times = {name: os.stat(tmp_path / name).st_mtime_ns for name in written}
 
@@ -260,32 +293,31 @@ def test_resume_after_interrupted_run(fake_dir, shard_dir, tmp_path, monkeypatch
 
 def test_bad_and_odd_files(tmp_path):
     src = tmp_path / "src"
-    fake_imagenet.generate(str(src), 2, 3, 1, SIZE, seed=0, progress=False)
+    summary = fake_imagenet.generate(str(src), 2, 3, 1, SIZE, seed=0, progress=False)
     folder = src / "train" / "n00000001"
-    good = Image.open(folder / "n00000001_0.JPEG").convert("RGB")
-    good.convert("L").save(folder / "gray.JPEG")
-    good.convert("CMYK").save(folder / "cmyk.JPEG")
-    good.save(folder / "png_named.JPEG", format="PNG")
-    good.save(folder / "lower.jpg")
-    (folder / "empty.JPEG").write_bytes(b"")
-    jpeg = (folder / "n00000001_1.JPEG").read_bytes()
-    (folder / "truncated.JPEG").write_bytes(jpeg[: len(jpeg) // 2])
-    (folder / "text.JPEG").write_text("not an image\n")
+    Image.open(folder / "n00000001_0.JPEG").save(folder / "lower.jpg")
     (folder / "notes.txt").write_text("ignored: not an image extension\n")
+    (src / "train" / "n00000000" / "text.JPEG").write_text("not an image\n")
 
     manifest = write_shards(str(src), str(tmp_path / "out"), ShardConfig(max_count=4, workers=2), RES, progress=False)
     bad = {os.path.basename(b["path"]): b["reason"] for b in manifest["bad_files"]}
-    assert sorted(bad) == ["empty.JPEG", "text.JPEG", "truncated.JPEG"]
-    assert "empty" in bad["empty.JPEG"] and "truncated" in bad["truncated.JPEG"].lower()
-    assert all(os.path.isabs(b["path"]) for b in manifest["bad_files"])
+    assert sorted(bad) == sorted(["text.JPEG"] + [os.path.basename(p) for p in summary["bad_files"]])
+    assert "empty" in bad["n00000000_empty.JPEG"] and "truncated" in bad["n00000000_truncated.JPEG"]
+    assert bad["text.JPEG"].startswith("not an image")
+    assert all(os.path.isabs(b["path"]) and b["split"] == "train" for b in manifest["bad_files"])
 
     samples = {key: (image, label) for key, image, label in read_split(str(tmp_path / "out"), "train")}
-    assert manifest["splits"]["train"]["totals"]["count"] == len(samples) == 2 * 3 + 4
-    for key in ("gray", "cmyk", "png_named", "lower"):
+    assert manifest["splits"]["train"]["totals"]["count"] == len(samples) == 2 * 3 + 1
+    odd = {kind: os.path.basename(rel)[:-5] for kind, rel in summary["odd_files"].items()}
+    for key in (*odd.values(), "lower"):
         image, label = samples[key]
-        assert image.shape == (RES, RES, 3) and label == 1
-    gray = samples["gray"][0].astype(int)
+        assert image.shape == (RES, RES, 3)
+    gray = samples[odd["grayscale"]][0].astype(int)
     assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1  # grey stays grey after conversion to RGB
+    cmyk = samples[odd["cmyk"]][0].astype(int)
+    with Image.open(src / summary["odd_files"]["cmyk"]) as source:
+        assert source.mode == "CMYK"
+        np.testing.assert_array_equal(cmyk, np.asarray(shards.center_crop(source.convert("RGB"), RES)))
 
 
 def test_missing_split_folder_names_the_path(fake_dir, tmp_path):
@@ -311,64 +343,151 @@ def test_manifest_errors(shard_dir, tmp_path):
         read_manifest(str(tmp_path))
     with pytest.raises(KeyError, match="test"):
         shard_paths(shard_dir, "test")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nowhere"))):
-        train_loader(str(tmp_path / "nowhere"), 4, seed=0)
 
 
-# ---- loaders ------------------------------------------------------------------------------------
 
 
-def take(loader, n):
-    return list(itertools.islice(loader, n))
+# ---- formats, shard sizes, array tasks, kills, verify ----------------------------------------------------------
 
 
-def same(batches_a, batches_b) -> bool:
-    return len(batches_a) == len(batches_b) and all(
-        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(batches_a, batches_b)
-    )
+def test_formats_webp_lossless_jpg_and_original_bytes(fake_dir, shard_dir, tmp_path):
+    png = {key: (image, label) for key, image, label in read_split(shard_dir, "val")}
+    webp_dir = str(tmp_path / "webp")
+    write_shards(fake_dir, webp_dir, dataclasses.replace(CFG, image_format="webp"), RES, progress=False)
+    webp = wds.WebDataset(shard_paths(webp_dir, "val"), shardshuffle=False).decode("rgb8").to_tuple("__key__", "webp")
+    decoded = dict(webp)
+    assert decoded.keys() == png.keys()
+    assert all(np.array_equal(decoded[key], png[key][0]) for key in png)  # lossless: the same pixels as PNG
+
+    jpg_dir = str(tmp_path / "jpg")
+    manifest = write_shards(fake_dir, jpg_dir, dataclasses.replace(CFG, image_format="jpg", jpeg_quality=90), RES,
+                            progress=False)
+    assert manifest["preprocessing"]["quality"] == 90
+    jpg = dict(wds.WebDataset(shard_paths(jpg_dir, "val"), shardshuffle=False).decode("rgb8").to_tuple("__key__", "jpg"))
+    errors = [np.abs(jpg[k].astype(int) - png[k][0].astype(int)).mean() for k in png]
+    assert 0 < max(errors) < 20  # lossy, but the same pictures
+
+    orig_dir = str(tmp_path / "original")
+    manifest = write_shards(fake_dir, orig_dir, dataclasses.replace(CFG, image_format="original"), RES,
+                            progress=False)
+    assert manifest["preprocessing"] == {"crop": "none", "resolution": None, "format": "original", "quality": None}
+    sources = source_images(fake_dir, "train")
+    stored = {}
+    for url in shard_paths(orig_dir, "train"):
+        with tarfile.open(url) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext != "cls":
+                    stored[key] = (ext, tar.extractfile(member).read())
+    assert stored.keys() == sources.keys()
+    for key, (ext, data) in stored.items():
+        with open(sources[key][0], "rb") as f:
+            assert data == f.read()  # the original bytes, untouched
+        assert ext == ("png" if Image.open(io.BytesIO(data)).format == "PNG" else "jpg")  # named by true content
+    assert sorted(ext for ext, _ in stored.values()).count("png") == 1  # the PNG saved with a .JPEG name
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_loader_is_deterministic_per_rank_and_resumable(shard_dir, num_workers):
-    args = dict(seed=7, num_workers=num_workers, shuffle_buffer=8, world_size=2)
-    stream = take(train_loader(shard_dir, 4, rank=0, **args), 8)
-    assert same(stream, take(train_loader(shard_dir, 4, rank=0, **args), 8))
-    assert not same(stream, take(train_loader(shard_dir, 4, rank=1, **args), 8))
-    assert same(stream[5:], take(train_loader(shard_dir, 4, rank=0, start_batch=5, **args), 3))
-
-    images, labels = stream[0]
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, RES, RES)
-    assert labels.dtype == torch.int64 and labels.shape == (4,)
-
-    # Every image is a stored sample, as is or mirrored, with its own label; both orientations occur.
-    samples = read_split(shard_dir, "train")
-    stored = {image.tobytes(): label for _, image, label in samples}
-    mirrored = {np.ascontiguousarray(image[:, ::-1]).tobytes(): label for _, image, label in samples}
-    seen = {"stored": 0, "mirrored": 0}
-    for images, labels in stream:
-        for image_chw, label in zip(images, labels):
-            key = image_chw.permute(1, 2, 0).numpy().tobytes()
-            kind = "stored" if key in stored else "mirrored"
-            assert {"stored": stored, "mirrored": mirrored}[kind].get(key) == label
-            seen[kind] += 1
-    assert seen["stored"] > 0 and seen["mirrored"] > 0
+def test_max_bytes_sizes_shards_from_a_probe(fake_dir, tmp_path):
+    small = dataclasses.replace(CFG, max_count=1000, max_bytes=6000)
+    manifest = write_shards(fake_dir, str(tmp_path), small, RES, progress=False)
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        mean = entry["probe_mean_bytes"]
+        assert 0 < mean < 2000  # a 16x16 PNG
+        assert entry["samples_per_shard"] == int(6000 // (1.1 * mean + shards.TAR_OVERHEAD)) < 1000
+        assert len(entry["shards"]) > 1
+        # 10 KiB tar blocking aside, shards stay near the target instead of growing to max_count samples
+        assert all(s["bytes"] <= 6000 + 10240 for s in entry["shards"])
 
 
-def test_eval_batches_cover_split_once_in_manifest_order(shard_dir):
-    samples = read_split(shard_dir, "val")
-    batches = list(eval_batches(shard_dir, "val", batch_size=5))
-    assert [len(labels) for _, labels in batches] == [5, 5, 2]
-    images = torch.cat([x for x, _ in batches])
-    labels = torch.cat([y for _, y in batches])
-    assert images.dtype == torch.uint8 and images.shape == (len(samples), 3, RES, RES)
-    np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), np.stack([s[1] for s in samples]))
-    assert labels.tolist() == [s[2] for s in samples]
-    again = eval_batches(shard_dir, "val", batch_size=5)
-    assert same(batches, list(again)) and same(batches, list(again))  # every pass is the same full pass
+def test_array_tasks_write_disjoint_ranges_and_the_last_writes_the_manifest(fake_dir, shard_dir, tmp_path):
+    cfg = dataclasses.replace(CFG, array_tasks=3, workers=1)
+    out = str(tmp_path / "in-process")
+    results = [write_shards(fake_dir, out, cfg, RES, progress=False, task=t) for t in (2, 0, 1)]
+    assert results[:2] == [None, None] and results[2] == read_manifest(out)
+    assert tree_bytes(out) == tree_bytes(shard_dir)  # the array size does not change a byte
+    with pytest.raises(ValueError, match="array task 3"):
+        write_shards(fake_dir, str(tmp_path / "bad"), cfg, RES, progress=False, task=3)
+
+    # The same as separate processes started together, the way a SLURM array runs them.
+    out = tmp_path / "processes"
+    exe = os.path.join(os.path.dirname(sys.executable), "pixelgen")
+    procs = [subprocess.Popen([exe, "shards", "write", fake_dir, str(out), f"resolution={RES}", "max_count=5",
+                               "seed=3", "workers=1", "array_tasks=3"],
+                              env={**os.environ, "SLURM_ARRAY_TASK_ID": str(t), "SLURM_ARRAY_TASK_COUNT": "3"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for t in range(3)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], logs
+    assert sum("manifest:" in log for log in logs) >= 1
+    assert tree_bytes(out) == tree_bytes(shard_dir)
+
+    wrong = pixelgen("shards", "write", fake_dir, str(tmp_path / "x"), "array_tasks=4", check=False)
+    assert wrong.returncode == 0  # outside an array: one process writes everything
+    env_mismatch = subprocess.run([exe, "shards", "write", fake_dir, str(tmp_path / "y"), "array_tasks=4"],
+                                  env={**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"},
+                                  capture_output=True, text=True)
+    assert env_mismatch.returncode == 2 and "--array=0-3" in env_mismatch.stdout
 
 
-def test_to_float_maps_uint8_to_unit_range():
-    images = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1)
-    out = to_float(images)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out.flatten(), torch.tensor([-1.0, 127 / 127.5 - 1, 1.0]))
+def _kill_when(proc, ready, timeout=120.0) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds; fail if it finished first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "the writer finished before the kill point; make the test data larger"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _recorded(out) -> int:
+    try:
+        with open(out / "progress-all.json") as f:
+            return len(json.load(f)["shards"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_killed_at_any_moment_the_rerun_is_byte_identical(tmp_path):
+    src = tmp_path / "src"
+    fake_imagenet.generate(str(src), 8, 24, 2, 48, seed=0, progress=False)
+    args = [str(src), "max_count=3", f"resolution={RES}", "workers=1"]
+    reference = tmp_path / "reference"
+    pixelgen("shards", "write", args[0], str(reference), *args[1:])
+    exe = os.path.join(os.path.dirname(sys.executable), "pixelgen")
+    out = tmp_path / "killed"
+    kill_points = [
+        lambda: any(name.endswith(".tmp") for name in os.listdir(out)) if out.exists() else False,  # mid first shard
+        lambda: _recorded(out) >= 5,
+        lambda: _recorded(out) >= 30,
+        lambda: _recorded(out) >= 60,
+    ]
+    for ready in kill_points:
+        proc = subprocess.Popen([exe, "shards", "write", args[0], str(out), *args[1:]],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _kill_when(proc, ready)
+        assert not (out / "manifest.json").exists()  # killed before the end
+    pixelgen("shards", "write", args[0], str(out), *args[1:])
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert pixelgen("shards", "verify", str(out)).returncode == 0
+
+
+def test_verify_names_a_flipped_byte_and_a_missing_shard(shard_dir, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(shard_dir, out)
+    assert verify_shards(str(out), progress=False) == []
+    total = sum(len(split["shards"]) for split in read_manifest(shard_dir)["splits"].values())
+    assert f"all {total} shards match" in pixelgen("shards", "verify", str(out)).stdout
+
+    data = bytearray((out / "train-000001.tar").read_bytes())
+    data[700] ^= 0x01
+    (out / "train-000001.tar").write_bytes(bytes(data))
+    os.remove(out / "val-000000.tar")
+    problems = verify_shards(str(out), progress=False)
+    assert len(problems) == 2
+    assert "train-000001.tar" in problems[0] and "sha256" in problems[0]
+    assert "val-000000.tar" in problems[1] and "missing" in problems[1]
+    bad = pixelgen("shards", "verify", str(out), check=False)
+    assert bad.returncode == 1
+    assert "train-000001.tar" in bad.stdout and "val-000000.tar" in bad.stdout and "2 of" in bad.stdout

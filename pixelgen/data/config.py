@@ -6,21 +6,32 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
-    # ImageNet-layout source folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG.
+    # ImageNet source: train/<wnid>/*.JPEG; val as <wnid>/ folders or flat with LOC_val_solution.csv or the
+    # devkit's ground truth; or the Kaggle release root (ILSVRC/Data/CLS-LOC/...). See docs/data.md.
     imagenet_dir: Optional[str] = None
     # Existing shard folder (with manifest.json) to use instead of running the shard stage.
     shard_dir: Optional[str] = None
-    resolution: int = 256  # images are ADM-center-cropped to this size when sharded
+    resolution: int = 256  # ADM center crop size (applied when sharding, or when loading original bytes)
     num_classes: int = 1000
     num_workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples permuted together within a rank's share of an epoch
 
 
 @dataclass
 class ShardConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    max_count: int = 1000  # samples per shard
-    workers: int = 2  # encoder processes
-    seed: int = 0  # seeded global shuffle before writing
-    image_format: str = "png"  # png (lossless) or jpg
+    # png / webp: ADM center crop to data.resolution, lossless; jpg: the crop at jpeg_quality;
+    # original: the source file bytes as they are (the loader crops).
+    image_format: str = "png"
     jpeg_quality: int = 95
+    max_count: int = 1000  # samples per shard at most
+    # Target shard size: samples per shard are lowered to fit, from the mean size of a probe of 64 images.
+    # Defaults give ~1300 shards for ImageNet train at 256 px (~1000 samples of ~120 KB each).
+    max_bytes: int = 500_000_000
+    workers: int = 2  # encoder processes per task
+    # Tasks of a SLURM job array sharing the work; task i writes the i-th contiguous range of shards.
+    array_tasks: int = 1
+    seed: int = 0  # seeded global shuffle before writing
+    # Labels for a flat val folder when they are not found next to it (LOC_val_solution.csv, or the devkit's
+    # ILSVRC2012_validation_ground_truth.txt with meta.mat beside it).
+    val_labels: Optional[str] = None

@@ -1,12 +1,15 @@
 """A small synthetic stand-in for ImageNet, laid out exactly like the real folders.
 
 It lets the whole pipeline (shard stage, loader, training, FID) run end to end without the
-real data set. Each class is a distinct combination of shape, colour palette and background
+real data set. Like the real train set it holds a few odd files that must still load (a PNG saved with a
+.JPEG name, a CMYK JPEG, a grayscale JPEG), and like a damaged copy a few that must be skipped (a truncated
+JPEG, an empty file, a file that is not an image). Each class is a distinct combination of shape, colour palette and background
 texture, so a generator trained on it has something class-conditional to learn and a quick
 classifier can tell the classes apart.
 """
 
 import colorsys
+import io
 import json
 import math
 import os
@@ -21,7 +24,9 @@ SHAPES = ("circle", "square", "triangle", "stripes", "ring", "cross", "star")
 TEXTURES = ("flat", "gradient", "checker", "waves", "diagonal")
 _GOLDEN = (math.sqrt(5) - 1) / 2  # hue step that keeps consecutive classes far apart on the colour wheel
 MARKER = ".complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Extra train files the shard stage must skip, by kind: written next to the first class's images.
+BAD_FILES = ("truncated", "empty", "notimage")
 
 
 def wnid(class_index: int) -> str:
@@ -122,6 +127,41 @@ def render(class_index: int, size: int, rng: np.random.Generator) -> Image.Image
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
+def class_name(k: int) -> str:
+    style = _class_style(k)
+    return f"{style['shape']} on {style['texture']}, class {k}"
+
+
+def _save(image: Image.Image, path: str, kind: str | None) -> None:
+    if kind == "png":  # ILSVRC-2012 train has a PNG file with a .JPEG name
+        image.save(path, format="PNG")
+    elif kind == "cmyk":  # ... and 22 CMYK JPEGs
+        image.convert("CMYK").save(path, format="JPEG", quality=90)
+    elif kind == "grayscale":  # ... and grayscale ones
+        image.convert("L").save(path, format="JPEG", quality=90)
+    else:
+        image.save(path, format="JPEG", quality=90)
+
+
+def _write_bad_files(root: str, seed: int, size: int) -> list[str]:
+    """Files a damaged copy of ImageNet has; relative paths, in BAD_FILES order."""
+    folder = os.path.join("train", wnid(0))
+    buffer = io.BytesIO()
+    render(0, size, np.random.default_rng([seed, 2])).save(buffer, format="JPEG", quality=90)
+    contents = {
+        "truncated": buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3],
+        "empty": b"",
+        "notimage": b"<html>404 Not Found</html>\n",
+    }
+    paths = []
+    for kind in BAD_FILES:
+        rel = os.path.join(folder, f"{wnid(0)}_{kind}.JPEG")
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(contents[kind])
+        paths.append(rel)
+    return paths
+
+
 def _plan(num_classes: int, train_per_class: int, val_per_class: int) -> list[tuple[str, int, int, str]]:
     """(split, class, index within class, relative path) for every image, in writing order."""
     items = []
@@ -191,16 +231,23 @@ def generate(
         for split in ("train", "val"):
             os.makedirs(os.path.join(build_dir, split, wnid(k)))
     split_ids = {"train": 0, "val": 1}
+    # The first train images get the odd-but-valid encodings ImageNet really has.
+    odd = dict(zip([rel for split, _, _, rel in items if split == "train"], ("png", "cmyk", "grayscale")))
     for split, k, n, rel_path in track(items, description="fake ImageNet", disable=not progress):
         # Seeding each image separately makes its bytes independent of generation order.
         rng = np.random.default_rng([seed, split_ids[split], k, n])
-        render(k, size, rng).save(os.path.join(build_dir, rel_path), format="JPEG", quality=90)
+        _save(render(k, size, rng), os.path.join(build_dir, rel_path), odd.get(rel_path))
+    bad = _write_bad_files(build_dir, seed, size) if train_per_class else []
+    with open(os.path.join(build_dir, "LOC_synset_mapping.txt"), "w") as f:
+        f.writelines(f"{wnid(k)} {class_name(k)}\n" for k in range(num_classes))
 
     summary = {
         "params": params,
         "wnids": [wnid(k) for k in range(num_classes)],
         "train_images": num_classes * train_per_class,
         "val_images": num_classes * val_per_class,
+        "odd_files": {kind: rel for rel, kind in odd.items()},
+        "bad_files": bad,
     }
     with open(os.path.join(build_dir, MARKER), "w") as f:
         json.dump(summary, f, indent=1)

@@ -1,35 +1,51 @@
-"""Shard stage: an ImageNet-layout folder -> webdataset tar shards of center-cropped images + manifest.
+"""Shard stage: an ImageNet folder -> WebDataset tar shards + a manifest.
 
 Output of `write_shards(src, out, cfg, resolution)`:
-    out/{split}-{index:06d}.tar   samples {"__key__": file stem, "png"|"jpg": image bytes, "cls": class index}
-    out/manifest.json             written last; lists every shard with its count, size and sha256
+    out/{split}-{index:06d}.tar   samples {"__key__": file stem, "png"|"webp"|"jpg": image bytes, "cls": class index}
+    out/bad_files.csv             source files that were skipped, with the reason
+    out/manifest.json             written last: per shard its count, bytes and sha256; totals; preprocessing;
+                                  the source layout; the classes; the bad files
 
-Which source file lands in which shard is a pure function of the file list and `cfg.seed`, and the
-tars are byte-deterministic, so an interrupted run is resumed by keeping the shards already
-finished and writing only the rest.
+Which source file lands in which shard is a pure function of the source files and the settings, and the tars
+are byte-deterministic. So an interrupted run resumes by keeping the shards already finished (checked
+against their sha256) and writing only the rest, and the tasks of a SLURM job array can each write their own
+range of shards: every task saves its records in its own progress file, and whichever task finds all shards
+done writes the manifest.
 """
 
+from __future__ import annotations
+
 import contextlib
+import csv
+import fcntl
+import glob
 import hashlib
 import io
 import json
 import os
 import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
 
 import webdataset as wds
 from PIL import Image
-from rich.progress import track
 
 from pixelgen.data.config import ShardConfig
-from pixelgen.io import atomic_write_json
+from pixelgen.data.sources import Source, scan_source
+from pixelgen.io import atomic_write, atomic_write_json
+from pixelgen.progress import report
 
 MANIFEST = "manifest.json"
-# Per-shard records of a run still in progress, so a resumed run knows which finished shards to trust.
-PROGRESS = "progress.json"
-FORMAT_VERSION = 1
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-FORMATS = ("png", "jpg")
+BAD_FILES = "bad_files.csv"
+LOCK = ".shard.lock"
+FORMAT_VERSION = 2
+FORMATS = ("png", "webp", "jpg", "original")
+PROBE_IMAGES = 64  # images encoded up front to size shards by bytes
+TAR_OVERHEAD = 1536  # per sample: two 512-byte member headers and half a block of padding on average
+# What a damaged or non-image file raises while being decoded.
+BAD_FILE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_SOURCE_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def center_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -43,18 +59,38 @@ def center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def _encode(path: str, resolution: int, image_format: str, quality: int) -> bytes:
-    if os.path.getsize(path) == 0:
+def encode_image(path: str, resolution: int | None, image_format: str, quality: int) -> tuple[str, bytes]:
+    """(extension, bytes) of one source image as it goes into a shard; raises one of BAD_FILE_ERRORS."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
         raise ValueError("empty file")
-    with Image.open(path) as image:
-        # convert() forces a full decode, so truncated files fail here rather than later.
-        rgb = image.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Possibly corrupt EXIF data": harmless, and per file
+        with Image.open(io.BytesIO(data)) as image:
+            source_format = image.format
+            # convert() decodes everything (CMYK and grayscale become RGB), so a truncated file fails here.
+            rgb = image.convert("RGB")
+    if image_format == "original" and source_format in _SOURCE_EXT:
+        return _SOURCE_EXT[source_format], data
     buffer = io.BytesIO()
+    if image_format == "original":  # a format readers may not expect (GIF, BMP, ...): whole, as lossless PNG
+        rgb.save(buffer, format="PNG")
+        return "png", buffer.getvalue()
+    crop = center_crop(rgb, resolution)
     if image_format == "png":
-        center_crop(rgb, resolution).save(buffer, format="PNG")
+        crop.save(buffer, format="PNG")
+    elif image_format == "webp":
+        crop.save(buffer, format="WEBP", lossless=True)
     else:
-        center_crop(rgb, resolution).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+        crop.save(buffer, format="JPEG", quality=quality)
+    return image_format, buffer.getvalue()
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, Image.UnidentifiedImageError):  # its message names a BytesIO, not the file
+        return "not an image: PIL recognises no image format in it"
+    return f"{type(error).__name__}: {error}"
 
 
 def _sha256(path: str) -> str:
@@ -72,49 +108,18 @@ def _write_shard(task: dict) -> dict:
         with wds.TarWriter(stream, mtime=0) as writer:
             for src, key, label in task["members"]:
                 try:
-                    data = _encode(src, task["resolution"], task["format"], task["quality"])
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                    bad_files.append({"path": src, "reason": f"{type(e).__name__}: {e}", "shard": task["file"]})
+                    ext, data = encode_image(src, task["resolution"], task["format"], task["quality"])
+                except BAD_FILE_ERRORS as e:
+                    bad_files.append({"path": src, "reason": _reason(e),
+                                      "split": task["split"], "shard": task["file"]})
                     continue
-                writer.write({"__key__": key, task["format"]: data, "cls": label})
+                writer.write({"__key__": key, ext: data, "cls": label})
                 count += 1
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(path + ".tmp", path)
-    return {
-        "file": task["file"],
-        "count": count,
-        "bytes": os.path.getsize(path),
-        "sha256": _sha256(path),
-        "plan": task["plan"],
-        "bad_files": bad_files,
-    }
-
-
-def _scan_split(src_dir: str, split: str) -> dict[str, list[str]]:
-    """{wnid: sorted image paths} for `src_dir/split/<wnid>/*`."""
-    split_dir = os.path.join(src_dir, split)
-    try:
-        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"cannot read split folder {split_dir} ({e.strerror}); the shard stage expects "
-            f"{src_dir}/<split>/<wnid>/*.JPEG for each split in {split!r} of the shard config"
-        ) from e
-    loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-    if loose:
-        raise ValueError(
-            f"{split_dir} holds images directly (e.g. {loose[0]}); they must be in class folders "
-            f"{split_dir}/<wnid>/ (for the ImageNet val set, sort it into class folders first)"
-        )
-    classes = {}
-    for entry in entries:
-        if entry.is_dir():
-            names = sorted(n for n in os.listdir(entry.path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            classes[entry.name] = [os.path.join(entry.path, n) for n in names]
-    if not any(classes.values()):
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}/<wnid>/")
-    return classes
+    return {"file": task["file"], "count": count, "bytes": os.path.getsize(path), "sha256": _sha256(path),
+            "plan": task["plan"], "bad_files": bad_files}
 
 
 def _sample_key(path: str) -> str:
@@ -122,61 +127,66 @@ def _sample_key(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0].replace(".", "_")
 
 
-def _class_split(splits: list[str]) -> str:
-    """The split whose class folders define the class indices."""
-    return "train" if "train" in splits else splits[0]
+def _probe_mean_bytes(members: list, cfg: ShardConfig, resolution: int | None) -> float | None:
+    """Mean encoded size of the first images of the (shuffled, so representative) split."""
+    sizes = []
+    for path, _, _ in members[:PROBE_IMAGES]:
+        with contextlib.suppress(*BAD_FILE_ERRORS):
+            sizes.append(len(encode_image(path, resolution, cfg.image_format, cfg.jpeg_quality)[1]))
+    return sum(sizes) / len(sizes) if sizes else None
 
 
-def _plan_split(src_dir: str, split: str, by_class: dict[str, list[str]], classes: list[str], cfg: ShardConfig):
-    """Shard tasks for one split, [{file, members: [(path, key, label)]}]: a pure function of files and seed."""
-    index = {wnid: i for i, wnid in enumerate(classes)}
+def _plan_split(source: Source, split: str, cfg: ShardConfig, resolution: int | None) -> dict:
+    """{"samples_per_shard", "probe_mean_bytes", "shards": [{file, split, members: [(path, key, label)]}]}."""
+    index = {wnid: i for i, wnid in enumerate(source.classes)}
     members, seen = [], {}
-    for wnid, paths in by_class.items():
-        if wnid not in index:
-            raise ValueError(
-                f"class folder {os.path.join(src_dir, split, wnid)} is not a class of the "
-                f"{_class_split(cfg.splits)!r} split; every split must use the same wnids"
-            )
-        for path in paths:
-            key = _sample_key(path)
-            if key in seen:
-                raise ValueError(f"{path} and {seen[key]} give the same sample key {key!r}; rename one")
-            seen[key] = path
-            members.append((path, key, index[wnid]))
+    for path, wnid in source.splits[split].items:
+        key = _sample_key(path)
+        if key in seen:
+            raise ValueError(f"{path} and {seen[key]} give the same sample key {key!r}; rename one")
+        seen[key] = path
+        members.append((path, key, index[wnid]))
     random.Random(cfg.seed).shuffle(members)
-    return [
-        {"file": f"{split}-{i // cfg.max_count:06d}.tar", "members": members[i : i + cfg.max_count]}
-        for i in range(0, len(members), cfg.max_count)
-    ]
+    mean = _probe_mean_bytes(members, cfg, resolution)
+    # 10% headroom, as the probe mean is an estimate of the shard's mean.
+    per_shard = cfg.max_count if mean is None else int(cfg.max_bytes // (1.1 * mean + TAR_OVERHEAD))
+    per_shard = max(1, min(cfg.max_count, per_shard))
+    shards = [{"file": f"{split}-{i // per_shard:06d}.tar", "split": split, "members": members[i:i + per_shard]}
+              for i in range(0, len(members), per_shard)]
+    return {"samples_per_shard": per_shard, "probe_mean_bytes": mean and round(mean), "shards": shards}
 
 
 def _settings(src_dir: str, cfg: ShardConfig, resolution: int) -> dict:
     """Everything that decides the shard bytes; a finished or partial output must match it to be reused."""
+    original = cfg.image_format == "original"
     return {
         "format_version": FORMAT_VERSION,
         "source_dir": src_dir,
         "splits": list(cfg.splits),
         "seed": cfg.seed,
         "max_count": cfg.max_count,
+        "max_bytes": cfg.max_bytes,
         "preprocessing": {
-            "resolution": resolution,
-            "crop": "adm_center",
+            "crop": "none" if original else "adm_center",
+            "resolution": None if original else resolution,
             "format": cfg.image_format,
             "quality": cfg.jpeg_quality if cfg.image_format == "jpg" else None,
         },
     }
 
 
-def _validate(cfg: ShardConfig, resolution: int) -> None:
+def validate_config(cfg: ShardConfig, resolution: int) -> None:
     if cfg.image_format not in FORMATS:
-        raise ValueError(f"shard config image_format={cfg.image_format!r}; use one of {FORMATS}")
+        raise ValueError(f"shard.image_format={cfg.image_format!r}; use one of {FORMATS}")
     if not cfg.splits:
-        raise ValueError("shard config splits is empty; list at least one split, e.g. ['train', 'val']")
-    for name, value in (("max_count", cfg.max_count), ("workers", cfg.workers), ("resolution", resolution)):
+        raise ValueError("shard.splits is empty; list at least one split, e.g. ['train', 'val']")
+    for name, value in (("shard.max_count", cfg.max_count), ("shard.max_bytes", cfg.max_bytes),
+                        ("shard.workers", cfg.workers), ("shard.array_tasks", cfg.array_tasks),
+                        ("data.resolution", resolution)):
         if value < 1:
-            raise ValueError(f"shard {name}={value} must be >= 1")
+            raise ValueError(f"{name}={value} must be >= 1")
     if cfg.image_format == "jpg" and not 1 <= cfg.jpeg_quality <= 100:
-        raise ValueError(f"shard config jpeg_quality={cfg.jpeg_quality} must be in [1, 100]")
+        raise ValueError(f"shard.jpeg_quality={cfg.jpeg_quality} must be in [1, 100]")
 
 
 def _check_settings(found: dict, settings: dict, path: str) -> None:
@@ -190,95 +200,157 @@ def _check_settings(found: dict, settings: dict, path: str) -> None:
         )
 
 
+def _manifest_shards(manifest: dict) -> list[dict]:
+    return [s for split in manifest["splits"].values() for s in split["shards"]]
+
+
 def _all_shards_present(manifest: dict, out_dir: str) -> bool:
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    return all(
-        os.path.isfile(p := os.path.join(out_dir, s["file"])) and os.path.getsize(p) == s["bytes"] for s in shards
-    )
+    return all(os.path.isfile(p := os.path.join(out_dir, s["file"])) and os.path.getsize(p) == s["bytes"]
+               for s in _manifest_shards(manifest))
 
 
-def _trusted_records(out_dir: str, settings: dict, manifest: dict | None) -> dict[str, dict]:
-    """Shard records of an earlier run with the same settings, from its manifest or progress file."""
+def _progress_path(out_dir: str, task: int | None, tasks: int) -> str:
+    name = "progress-all.json" if task is None else f"progress-{task}-of-{tasks}.json"
+    return os.path.join(out_dir, name)
+
+
+def _trusted_records(out_dir: str, settings: dict) -> dict[str, dict]:
+    """Shard records of earlier or concurrent tasks with the same settings: the manifest, then progress files."""
     records = {}
-    if manifest is not None:
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                bad_files = [b for b in manifest["bad_files"] if b["shard"] == shard["file"]]
-                records[shard["file"]] = {**shard, "bad_files": bad_files}
-    progress_path = os.path.join(out_dir, PROGRESS)
-    if os.path.exists(progress_path):
-        with open(progress_path) as f:
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        manifest = read_manifest(out_dir)
+        _check_settings(manifest, settings, manifest_path)
+        for shard in _manifest_shards(manifest):
+            bad_files = [b for b in manifest["bad_files"] if b["shard"] == shard["file"]]
+            records[shard["file"]] = {**shard, "bad_files": bad_files}
+    for path in sorted(glob.glob(os.path.join(out_dir, "progress-*.json"))):
+        with open(path) as f:
             progress = json.load(f)
-        _check_settings(progress["settings"], settings, progress_path)
+        _check_settings(progress["settings"], settings, path)
         records.update(progress["shards"])
     return records
 
 
-def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, progress: bool = True) -> dict:
-    """Shard `src_dir/<split>/<wnid>/*` for each split in `cfg.splits` into `out_dir`; returns the manifest.
+@contextlib.contextmanager
+def _dir_lock(out_dir: str):
+    """Serialise manifest writing between the tasks of an array (flock works across nodes on Lustre/GPFS/NFSv4)."""
+    with open(os.path.join(out_dir, LOCK), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
+
+def _task_range(num_shards: int, task: int | None, tasks: int) -> range:
+    if task is None:
+        return range(num_shards)
+    if not 0 <= task < tasks:
+        raise ValueError(f"array task {task} is outside 0..{tasks - 1} (shard.array_tasks={tasks}); submit the "
+                         f"array with --array=0-{tasks - 1} or change shard.array_tasks")
+    return range(task * num_shards // tasks, (task + 1) * num_shards // tasks)
+
+
+def _bad_files_csv(bad_files: list[dict]):
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["split", "shard", "path", "reason"])
+            writer.writeheader()
+            writer.writerows(bad_files)
+
+    return write
+
+
+def _finalize(out_dir: str, settings: dict, source: Source, plans: dict[str, dict]) -> dict | None:
+    """Write the manifest if every planned shard is done (by any task); None while some are not."""
+    with _dir_lock(out_dir):
+        records = _trusted_records(out_dir, settings)
+        for plan in plans.values():
+            for shard in plan["shards"]:
+                record = records.get(shard["file"])
+                path = os.path.join(out_dir, shard["file"])
+                if not (record and record["plan"] == shard["plan"] and os.path.isfile(path)
+                        and os.path.getsize(path) == record["bytes"]):
+                    return None
+        manifest = {**settings, "source": source.describe(), "classes": source.classes,
+                    "class_names": source.names, "splits": {}, "bad_files": []}
+        for split, plan in plans.items():
+            split_records = [records[s["file"]] for s in plan["shards"]]
+            manifest["splits"][split] = {
+                # "plan" stays in the manifest so a rerun can tell whether a shard still matches the source.
+                "shards": [{k: r[k] for k in ("file", "count", "bytes", "sha256", "plan")} for r in split_records],
+                "totals": {k: sum(r[k] for r in split_records) for k in ("count", "bytes")},
+                "samples_per_shard": plan["samples_per_shard"],
+                "probe_mean_bytes": plan["probe_mean_bytes"],
+            }
+            manifest["bad_files"] += [{"split": split, **b} for r in split_records for b in r["bad_files"]]
+        manifest["bad_files"].sort(key=lambda b: b["path"])
+        manifest["totals"] = {k: sum(s["totals"][k] for s in manifest["splits"].values()) for k in ("count", "bytes")}
+        atomic_write(os.path.join(out_dir, BAD_FILES), _bad_files_csv(manifest["bad_files"]))
+        atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
+        for path in glob.glob(os.path.join(out_dir, "progress-*.json")):
+            os.remove(path)
+        return manifest
+
+
+def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, progress: bool = True,
+                 task: int | None = None) -> dict | None:
+    """Shard the splits `cfg.splits` of the ImageNet folder `src_dir` into `out_dir`; returns the manifest.
+
+    `task` (0-based) writes only that array task's range of the shards (of `cfg.array_tasks` ranges) and
+    returns None when other tasks still have shards to write; the last task to finish writes the manifest.
     A no-op when `out_dir` already holds a manifest with the same settings and all its shards.
-    Unreadable images are skipped and listed under `bad_files` in the manifest.
+    Unreadable images are skipped and listed in `bad_files.csv` and the manifest.
     """
-    _validate(cfg, resolution)
+    validate_config(cfg, resolution)
     if not src_dir:
-        raise ValueError("no source folder to shard: set data.imagenet_dir to an ImageNet-layout folder")
+        raise ValueError("no source folder to shard: set data.imagenet_dir to an ImageNet folder")
     src_dir = os.path.abspath(src_dir)
     settings = _settings(src_dir, cfg, resolution)
+    preprocessing = settings["preprocessing"]
     manifest_path = os.path.join(out_dir, MANIFEST)
-    manifest = None
     if os.path.exists(manifest_path):
         manifest = read_manifest(out_dir)
         _check_settings(manifest, settings, manifest_path)
         if _all_shards_present(manifest, out_dir):
             return manifest
 
-    scans = {split: _scan_split(src_dir, split) for split in cfg.splits}
-    classes = sorted(scans[_class_split(cfg.splits)])
-    plans = {split: _plan_split(src_dir, split, scans[split], classes, cfg) for split in cfg.splits}
+    source = scan_source(src_dir, list(cfg.splits), cfg.val_labels)
+    plans = {split: _plan_split(source, split, cfg, preprocessing["resolution"]) for split in cfg.splits}
+    shards = [s for plan in plans.values() for s in plan["shards"]]
+    for shard in shards:
+        # The plan digest ties a record to the exact files it was made from, so a changed source reshards.
+        members = json.dumps([settings, shard["members"]]).encode()
+        shard["plan"] = hashlib.sha256(members).hexdigest()
+    owned = [shards[i] for i in _task_range(len(shards), task, cfg.array_tasks)]
 
     os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
-    records = _trusted_records(out_dir, settings, manifest)
-
-    todo = []
-    for shard in (s for plan in plans.values() for s in plan):
-        # The plan digest ties a record to the exact files it was made from, so a changed source reshards.
-        shard["plan"] = hashlib.sha256(json.dumps([settings, shard["members"]]).encode()).hexdigest()
-        record = records.get(shard["file"])
+    for shard in owned:  # only this task's leftovers: other tasks may be writing theirs right now
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, shard["file"] + ".tmp"))
+    trusted = _trusted_records(out_dir, settings)
+    mine, todo = {}, []
+    for shard in owned:
+        record = trusted.get(shard["file"])
         path = os.path.join(out_dir, shard["file"])
-        trusted = record is not None and record["plan"] == shard["plan"] and os.path.isfile(path)
-        if not (trusted and _sha256(path) == record["sha256"]):
-            records.pop(shard["file"], None)
-            todo.append({**shard, "out_dir": out_dir, **settings["preprocessing"]})
+        if record and record["plan"] == shard["plan"] and os.path.isfile(path) and _sha256(path) == record["sha256"]:
+            mine[shard["file"]] = record
+        else:
+            todo.append({**shard, "out_dir": out_dir, **preprocessing})
 
-    def save_progress():
-        atomic_write_json(os.path.join(out_dir, PROGRESS), {"settings": settings, "shards": records})
-
+    progress_path = _progress_path(out_dir, task, cfg.array_tasks)
+    images = [0]
     pool = Pool(cfg.workers) if cfg.workers > 1 and len(todo) > 1 else None
     with pool or contextlib.nullcontext():
         done = pool.imap_unordered(_write_shard, todo) if pool else map(_write_shard, todo)
-        for record in track(done, total=len(todo), description="shards", disable=not progress):
-            records[record["file"]] = record
-            save_progress()
-
-    manifest = {**settings, "classes": classes, "splits": {}, "bad_files": []}
-    for split, plan in plans.items():
-        split_records = [records[s["file"]] for s in plan]
-        manifest["splits"][split] = {
-            # "plan" stays in the manifest so a rerun can tell whether a shard still matches the source.
-            "shards": [{k: r[k] for k in ("file", "count", "bytes", "sha256", "plan")} for r in split_records],
-            "totals": {k: sum(r[k] for r in split_records) for k in ("count", "bytes")},
-        }
-        manifest["bad_files"] += [b for r in split_records for b in r["bad_files"]]
-    manifest["bad_files"].sort(key=lambda b: b["path"])
-    manifest["totals"] = {k: sum(s["totals"][k] for s in manifest["splits"].values()) for k in ("count", "bytes")}
-    atomic_write_json(manifest_path, manifest)
-    if os.path.exists(os.path.join(out_dir, PROGRESS)):
-        os.remove(os.path.join(out_dir, PROGRESS))
-    return manifest
+        what = "shards" if task is None else f"shards (task {task} of {cfg.array_tasks})"
+        for record in report(done, len(todo), f"writing {what}", unit="shards", enabled=progress,
+                             extra=lambda: f"{images[0]} images"):
+            mine[record["file"]] = record
+            images[0] += record["count"]
+            atomic_write_json(progress_path, {"settings": settings, "shards": mine})
+    return _finalize(out_dir, settings, source, plans)
 
 
 def read_manifest(shard_dir: str) -> dict:
@@ -305,3 +377,28 @@ def shard_paths(shard_dir: str, split: str) -> list[str]:
             "add it to the shard config's splits and rerun the shard stage"
         )
     return [os.path.join(shard_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_shards(shard_dir: str, workers: int = 4, progress: bool = True) -> list[str]:
+    """Check every shard of the manifest: present, the recorded size and sha256. Returns the problems found,
+    each naming its shard; empty when all is well."""
+    manifest = read_manifest(shard_dir)
+    shards = _manifest_shards(manifest)
+
+    def check(shard: dict) -> str | None:
+        path = os.path.join(shard_dir, shard["file"])
+        if not os.path.isfile(path):
+            return f"{path}: missing"
+        size = os.path.getsize(path)
+        if size != shard["bytes"]:
+            return f"{path}: {size} bytes, the manifest says {shard['bytes']}"
+        digest = _sha256(path)
+        if digest != shard["sha256"]:
+            return f"{path}: sha256 {digest[:16]}..., the manifest says {shard['sha256'][:16]}..."
+        return None
+
+    # hashlib releases the GIL on large reads, so threads hash shards in parallel.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(report(pool.map(check, shards), len(shards), "verifying shards", unit="shards",
+                              enabled=progress))
+    return [r for r in results if r is not None]
