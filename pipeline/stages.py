@@ -91,7 +91,8 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable) -> dict:
     def data_fn(micro, rank, world, start_batch):
         return iter(data_loader.train_loader(shards_dir, micro, seed=tc.seed, rank=rank, world_size=world,
                                              num_workers=cfg.data.num_workers,
-                                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch))
+                                             shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch,
+                                             resolution=cfg.data.resolution))
 
     task = TrainTask(make_model=make_model, trainable=trainable,
                      loss_fn=lambda m, x, y: objective.loss(m, x, y),
@@ -167,8 +168,9 @@ def stage_fid(cfg, run_dir: Path) -> dict:
         if {k: meta.get(k) for k in ref_meta} != ref_meta:
             ref_stats = None
     if ref_stats is None:
-        feats = extractor.extract(data_loader.eval_batches(shard_dir(cfg, run_dir), split, cfg.fid.batch_size),
-                                  progress=True)
+        batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, cfg.fid.batch_size,
+                                           resolution=cfg.data.resolution)
+        feats = extractor.extract(batches, progress=True)
         ref_stats = fid_lib.reference_statistics(feats["2048"])
         num_ref = feats["2048"].shape[0]
         fid_lib.save_statistics(ref_path, ref_stats, {**ref_meta, "count": num_ref})

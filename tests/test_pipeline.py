@@ -24,8 +24,9 @@ def _tree_state(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, fake_imagenet):
     run_dir = tmp_path_factory.mktemp("chain") / "run"
+    # Two shard tasks: the shard stage runs as a job array, as it would on SLURM.
     proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
-                    "--executor", "local")
+                    "shard.array_tasks=2", "--executor", "local")
     return run_dir, proc
 
 
@@ -37,6 +38,8 @@ def test_chain_end_to_end(chain, fake_imagenet):
     manifest = json.loads((run_dir / "shard" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["totals"]["count"] == 4 * 12
     assert manifest["splits"]["val"]["totals"]["count"] == 4 * 4
+    assert len(manifest["bad_files"]) == 3 and "3 bad files skipped" in proc.stdout  # the fake set's broken files
+    assert not list((run_dir / "shard").glob("progress-*.json"))  # the array's last task cleaned up
     # Both training stages exported consolidated weights; the decoder stage kept the trunk frozen.
     trunk = load_file(run_dir / "train_trunk" / "export" / "ema.safetensors")
     dec_model = load_file(run_dir / "train_decoder" / "export" / "model.safetensors")
@@ -65,12 +68,13 @@ def test_rerun_skips_finished_stages(chain, fake_imagenet):
     run_dir, _ = chain
     before = _tree_state(run_dir)
     proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
-                    "--executor", "local")
+                    "shard.array_tasks=2", "--executor", "local")
     assert proc.stdout.count("already done") == 4
     after = _tree_state(run_dir)
     assert before == after  # nothing rewritten
     # `pixelgen stage` on a finished stage is a no-op too.
-    pixelgen("stage", "train_trunk", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}")
+    pixelgen("stage", "train_trunk", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
+             "shard.array_tasks=2")
     assert _tree_state(run_dir) == before
 
 
