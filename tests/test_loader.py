@@ -1,6 +1,5 @@
 """The training loader's stream (determinism, resume, rank split, epochs, flips), its errors, and eval_batches."""
 
-import io
 import itertools
 import json
 import os
@@ -41,42 +40,10 @@ def shards(source, tmp_path_factory) -> str:
     return _shard(source, str(tmp_path_factory.mktemp("loader") / "shards"))
 
 
-def _write_original_split(source: str, out: str, split: str, classes: list[str]) -> dict:
-    """Shards of the source files' own bytes, 5 samples each, the way a format "original" shard folder holds them."""
-    samples = []
-    for label, wnid in enumerate(classes):
-        for name in sorted(os.listdir(os.path.join(source, split, wnid))):
-            with open(os.path.join(source, split, wnid, name), "rb") as f:
-                data = f.read()
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    kind = image.format
-                    image.convert("RGB")
-            except (OSError, SyntaxError, ValueError, EOFError):
-                continue  # the fake set's deliberately broken files
-            samples.append({"__key__": name.split(".")[0], {"JPEG": "jpg", "PNG": "png"}[kind]: data, "cls": label})
-    records = []
-    for i in range(0, len(samples), 5):
-        file = f"{split}-{i // 5:06d}.tar"
-        with wds.TarWriter(os.path.join(out, file)) as writer:
-            for sample in samples[i : i + 5]:
-                writer.write(sample)
-        records.append({"file": file, "count": len(samples[i : i + 5])})
-    return {"shards": records, "totals": {"count": len(samples)}}
-
-
 @pytest.fixture(scope="module")
 def original_shards(source, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("original"))
-    classes = sorted(os.listdir(os.path.join(source, "train")))
-    manifest = {
-        "splits": {split: _write_original_split(source, out, split, classes) for split in ("train", "val")},
-        "classes": classes,
-        "preprocessing": {"crop": "none", "resolution": None, "format": "original", "quality": None},
-    }
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return out
+    """The source files' own bytes (format "original"): the loader does the crop."""
+    return _shard(source, str(tmp_path_factory.mktemp("original")), "original")
 
 
 def stored(shard_dir: str, split: str) -> list[list[tuple[str, np.ndarray, int]]]:
@@ -346,3 +313,10 @@ def test_to_float_maps_uint8_to_unit_range():
     out = to_float(torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1))
     assert out.dtype == torch.float32
     assert out.flatten().tolist() == pytest.approx([-1.0, 127 / 127.5 - 1, 1.0])
+
+
+def test_batches_are_channels_last_views_that_to_float_makes_contiguous(shards):
+    images, _ = next(train_loader(shards, 4, seed=0, num_workers=0))
+    assert images.shape[1] == 3 and not images.is_contiguous()  # no host-side layout copy
+    out = to_float(images)
+    assert out.is_contiguous() and torch.equal(out, to_float(images.contiguous()))
