@@ -491,3 +491,15 @@ def test_verify_names_a_flipped_byte_and_a_missing_shard(shard_dir, tmp_path):
     bad = pixelgen("shards", "verify", str(out), check=False)
     assert bad.returncode == 1
     assert "train-000001.tar" in bad.stdout and "val-000000.tar" in bad.stdout and "2 of" in bad.stdout
+
+
+def test_fake_imagenet_from_an_older_generator_is_replaced(tmp_path):
+    out = tmp_path / "set"
+    fake_imagenet.generate(str(out), 2, 2, 1, SIZE, seed=0, progress=False)
+    marker = out / ".complete.json"
+    summary = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**summary, "params": {**summary["params"], "format_version": 1}}))
+    (out / "train" / "n00000000" / "n00000000_empty.JPEG").unlink()  # what version 1 did not write
+    again = fake_imagenet.generate(str(out), 2, 2, 1, SIZE, seed=0, progress=False)
+    assert again["params"]["format_version"] == fake_imagenet.FORMAT_VERSION
+    assert (out / "train" / "n00000000" / "n00000000_empty.JPEG").exists()

@@ -211,12 +211,14 @@ def generate(
     if os.path.exists(marker_path):
         with open(marker_path) as f:
             summary = json.load(f)
-        if summary["params"] != params:
+        if summary["params"] == params:
+            return {**summary, "path": out_dir}
+        if {**summary["params"], "format_version": FORMAT_VERSION} != params:
             raise ValueError(
                 f"{out_dir} already holds a fake ImageNet made with {summary['params']}, not the requested "
                 f"{params}; pick another folder or delete this one"
             )
-        return {**summary, "path": out_dir}
+        shutil.rmtree(out_dir)  # the same set made by an older version of this generator: ours to replace
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(
             f"{out_dir} exists, is not empty and has no {MARKER}, so it is not a finished fake ImageNet; "
