@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pixelgen.data.shards import MANIFEST, center_crop, read_manifest, shard_paths
+from pixelgen.data.shards import BAD_FILE_ERRORS, MANIFEST, center_crop, read_manifest, shard_paths
 
 # Looked up in this order, so a sample's image member is found whatever format its shard was written in.
 IMAGE_EXTENSIONS = ("png", "webp", "jpg")
@@ -94,7 +94,7 @@ def _decode(data: bytes, target: _Target, where: str, flip: bool = False) -> np.
         with Image.open(io.BytesIO(data)) as image:
             # convert() forces the full decode, so damaged bytes fail here with the sample named.
             rgb = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except BAD_FILE_ERRORS as e:
         raise ValueError(f"cannot decode the image of {where} ({type(e).__name__}: {e})") from e
     if target.crop:
         rgb = center_crop(rgb, target.resolution)
