@@ -136,6 +136,7 @@ def array_task(tasks: int) -> int | None:
 
 def cmd_shards_write(args) -> int:
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from pixelgen.data.config import ShardConfig
     from pixelgen.data.shards import BAD_FILES, write_shards
@@ -144,8 +145,10 @@ def cmd_shards_write(args) -> int:
     resolution = overrides.pop("resolution", 256)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ShardConfig), overrides)
-    except Exception as err:  # OmegaConf names the key and the expected type
-        raise ConfigError(f"command line: {err}".splitlines()[0]) from None
+    except OmegaConfBaseException as err:  # names the key and the expected type
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"command line: {f'key {key!r}: ' if key else ''}{str(err).splitlines()[0]}; "
+                          "see `pixelgen shards write -h` for the settings") from None
     cfg = OmegaConf.to_object(cfg)
     task = array_task(cfg.array_tasks)
     manifest = write_shards(args.src, args.out, cfg, int(resolution), progress=True, task=task)

@@ -503,3 +503,9 @@ def test_fake_imagenet_from_an_older_generator_is_replaced(tmp_path):
     again = fake_imagenet.generate(str(out), 2, 2, 1, SIZE, seed=0, progress=False)
     assert again["params"]["format_version"] == fake_imagenet.FORMAT_VERSION
     assert (out / "train" / "n00000000" / "n00000000_empty.JPEG").exists()
+
+
+def test_shards_write_names_a_bad_setting(fake_dir, tmp_path):
+    proc = pixelgen("shards", "write", fake_dir, str(tmp_path / "out"), "max_count=abc", check=False)
+    assert proc.returncode == 2 and "key 'max_count'" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing written before the settings are checked
