@@ -149,7 +149,11 @@ def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict
                     j.cancel(check=False)
                 raise
         # Of an array, the task that finished the stage returns its summary; the others report their part.
-        results[stage] = next((o for o in outcomes if not o.get("incomplete")), outcomes[-1])
+        complete = [o for o in outcomes if not o.get("incomplete")]
+        if not complete:
+            raise RuntimeError(f"all {len(jobs)} tasks of stage '{stage}' ended but none completed it (no "
+                               f"{rundir.MARKER}); rerun the same command to finish it")
+        results[stage] = complete[0]
         if on_done:
             on_done(stage, results[stage])
     return results

@@ -422,8 +422,9 @@ def test_array_tasks_write_disjoint_ranges_and_the_last_writes_the_manifest(fake
     assert sum("manifest:" in log for log in logs) >= 1
     assert tree_bytes(out) == tree_bytes(shard_dir)
 
-    wrong = pixelgen("shards", "write", fake_dir, str(tmp_path / "x"), "array_tasks=4", check=False)
-    assert wrong.returncode == 0  # outside an array: one process writes everything
+    pixelgen("shards", "write", fake_dir, str(tmp_path / "x"), f"resolution={RES}", "max_count=5", "seed=3",
+             "array_tasks=4")  # outside an array: one process writes everything
+    assert tree_bytes(tmp_path / "x") == tree_bytes(shard_dir)
     env_mismatch = subprocess.run([exe, "shards", "write", fake_dir, str(tmp_path / "y"), "array_tasks=4"],
                                   env={**os.environ, "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"},
                                   capture_output=True, text=True)

@@ -204,9 +204,10 @@ def _manifest_shards(manifest: dict) -> list[dict]:
     return [s for split in manifest["splits"].values() for s in split["shards"]]
 
 
-def _all_shards_present(manifest: dict, out_dir: str) -> bool:
-    return all(os.path.isfile(p := os.path.join(out_dir, s["file"])) and os.path.getsize(p) == s["bytes"]
-               for s in _manifest_shards(manifest))
+def _present(out_dir: str, record: dict) -> bool:
+    """The shard of `record` exists with its recorded size (cheap; sha256 is checked where it matters)."""
+    path = os.path.join(out_dir, record["file"])
+    return os.path.isfile(path) and os.path.getsize(path) == record["bytes"]
 
 
 def _progress_path(out_dir: str, task: int | None, tasks: int) -> str:
@@ -269,9 +270,7 @@ def _finalize(out_dir: str, settings: dict, source: Source, plans: dict[str, dic
         for plan in plans.values():
             for shard in plan["shards"]:
                 record = records.get(shard["file"])
-                path = os.path.join(out_dir, shard["file"])
-                if not (record and record["plan"] == shard["plan"] and os.path.isfile(path)
-                        and os.path.getsize(path) == record["bytes"]):
+                if not (record and record["plan"] == shard["plan"] and _present(out_dir, record)):
                     return None
         manifest = {**settings, "source": source.describe(), "classes": source.classes,
                     "class_names": source.names, "splits": {}, "bad_files": []}
@@ -313,7 +312,7 @@ def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, 
     if os.path.exists(manifest_path):
         manifest = read_manifest(out_dir)
         _check_settings(manifest, settings, manifest_path)
-        if _all_shards_present(manifest, out_dir):
+        if all(_present(out_dir, shard) for shard in _manifest_shards(manifest)):
             return manifest
 
     source = scan_source(src_dir, list(cfg.splits), cfg.val_labels)
