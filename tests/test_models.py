@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pixelgen.models import SIZES, build_generator, count_params
-from pixelgen.models.config import DecoderConfig, ModelConfig, TrunkConfig
+from pixelgen.models.config import DecoderConfig, ModelConfig, RepaConfig, TrunkConfig
 from pixelgen.models.layers import apply_rope, rope_2d
 
 NUM_CLASSES = 10
@@ -73,27 +73,97 @@ def test_rope_scores_depend_only_on_offset():
         rope_2d(6, 2, 2)
 
 
-def test_pixelwise_adaln_differs_per_pixel():
-    model = tiny_model()
+# The decoder design space: every kind, attention mode and AdaLN mode.
+VARIANTS = {
+    "pit-compact": dict(kind="pit"),
+    "pit-pixel": dict(kind="pit", attention="pixel", attn_dim=16, heads=2),
+    "pit-patch-adaln": dict(kind="pit", adaln="patch"),
+    "pit-factored": dict(kind="pit", adaln="factored", mlp_hidden=24),
+    "mlp": dict(kind="mlp", depth=2),
+    "mlp-patch-adaln": dict(kind="mlp", adaln="patch"),
+    "mixer": dict(kind="mixer"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_decoder_variant_starts_at_zero_and_trains_every_parameter(variant):
+    model = tiny_model(**VARIANTS[variant])
+    x, t, y = inputs()
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))
+    wake_zero_inits(model)
+    model(x, t, torch.tensor([3, NUM_CLASSES])).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mode", ["pixel", "factored"])
+def test_pixelwise_adaln_differs_per_pixel(mode):
+    model = tiny_model(adaln=mode)
     block = model.decoder.blocks[0]
     cond = torch.randn(2, 64, 64)  # [B, L, D] at 32 px / patch 4
-    assert all(not m.any() for m in block.modulation(cond))  # zero-init
+    block_cond = cond
+    if mode == "factored":
+        block_cond = torch.nn.functional.silu(model.decoder.cond_embed(cond).reshape(2 * 64, 16, 8))
+    assert all(not m.any() for m in block.adaLN(block_cond))  # zero-init
     with torch.no_grad():
-        block.adaLN.weight.normal_()
-    for m_NPD in block.modulation(cond):
+        block.adaLN.linear.weight.normal_()
+    for m_NPD in block.adaLN(block_cond):
         assert m_NPD.shape == (2 * 64, 16, 8)
         # Spread across the p*p pixels of each patch: every pixel gets its own modulation.
         assert (m_NPD.std(dim=1) > 1e-3).all()
 
 
+def test_patch_adaln_is_shared_by_the_pixels_of_a_patch():
+    model = tiny_model(adaln="patch")
+    block = model.decoder.blocks[0]
+    with torch.no_grad():
+        block.adaLN.linear.weight.normal_()
+    cond = torch.randn(2, 64, 64)
+    for m in block.adaLN(cond):
+        assert m.shape == (2 * 64, 1, 8)  # one vector per patch, broadcast over its pixels
+        assert m.std(dim=0).mean() > 1e-3  # but different patches differ
+    # Pixel-wise AdaLN costs p*p times the parameters of the shared one.
+    pixelwise = tiny_model().decoder.blocks[0].adaLN.linear.weight.numel()
+    assert pixelwise == 16 * block.adaLN.linear.weight.numel()
+
+
+def decoder_change(model, changed):
+    """Decoder outputs for x and for x with `changed` (a slice) perturbed, with the same trunk condition."""
+    x, t, y = inputs()
+    cond = model.trunk(x, t, y).cond
+    x2 = x.clone()
+    x2[changed] += 1.0
+    with torch.no_grad():
+        return model.decoder(x, cond), model.decoder(x2, cond)
+
+
+@pytest.mark.parametrize("variant,reaches_other_patches,reaches_same_patch", [
+    ("pit-compact", True, True),  # compacted attention spans the image
+    ("pit-pixel", False, True),  # attention among the pixels of a patch only
+    ("mixer", False, True),  # token mixing within a patch
+    ("mlp", False, False),  # per pixel: no interaction at all
+])
+def test_what_each_decoder_kind_lets_a_pixel_see(variant, reaches_other_patches, reaches_same_patch):
+    model = wake_zero_inits(tiny_model(**VARIANTS[variant]))
+    a, b = decoder_change(model, (slice(None), slice(None), 0, 0))  # one pixel of the top-left patch
+    diff = (a - b).abs()
+    assert diff[:, :, 0, 0].max() > 1e-6  # the pixel itself
+    assert (diff[:, :, 3, 3].max() > 1e-6) == reaches_same_patch  # another pixel of its patch
+    assert (diff[:, :, 28:, 28:].max() > 1e-6) == reaches_other_patches  # the bottom-right patch
+
+
+def test_pixel_attention_runs_wider_than_the_pixels():
+    model = tiny_model(attention="pixel", attn_dim=32, heads=4)
+    attn = model.decoder.blocks[0].attn
+    assert attn.qkv.in_features == 8 and attn.qkv.out_features == 3 * 32 and attn.proj.out_features == 8
+    assert attn.heads == 4 and model.decoder.head_dim == 8
+    assert model.decoder.blocks[0].mlp.fc1.out_features == 4 * 8
+    assert tiny_model(mlp_hidden=40).decoder.blocks[0].mlp.fc1.out_features == 40
+
+
 def test_decoder_attention_is_global_across_patches():
     model = wake_zero_inits(tiny_model())
-    x, t, y = inputs()
-    _, cond = model.trunk(x, t, y)
-    x2 = x.clone()
-    x2[:, :, :4, :4] += 1.0  # top-left patch only
-    with torch.no_grad():
-        a, b = model.decoder(x, cond), model.decoder(x2, cond)  # same condition: only the decoder sees the change
+    a, b = decoder_change(model, (slice(None), slice(None), slice(0, 4), slice(0, 4)))  # top-left patch only
     far = (slice(None), slice(None), slice(28, 32), slice(28, 32))  # bottom-right patch
     assert (a[far] - b[far]).abs().max() > 1e-6
 
@@ -104,18 +174,24 @@ def test_trunk_attention_is_global_across_patches():
     x2 = x.clone()
     x2[:, :, :4, :4] += 1.0
     with torch.no_grad():
-        s, _ = model.trunk(x, t, y)
-        s2, _ = model.trunk(x2, t, y)
+        s, s2 = model.trunk(x, t, y).tokens, model.trunk(x2, t, y).tokens
     assert (s[:, -1] - s2[:, -1]).abs().max() > 1e-6
 
 
-def test_gradients_reach_every_parameter():
-    model = wake_zero_inits(tiny_model())
-    x, t, _ = inputs()
-    y = torch.tensor([3, NUM_CLASSES])
-    model(x, t, y).square().mean().backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+def test_repa_features_are_the_projected_output_of_block_k():
+    cfg = tiny_cfg()
+    cfg.repa = RepaConfig(weight=0.5, block=1, projector_dim=48)
+    torch.manual_seed(0)
+    model = wake_zero_inits(build_generator(cfg, resolution=32))
+    seen = {}
+    model.trunk.blocks[0].register_forward_hook(lambda m, args, out: seen.update(block1=out))
+    x, t, y = inputs()
+    pred, features = model(x, t, y, return_features=True)
+    torch.testing.assert_close(pred, model(x, t, y))  # asking for features changes nothing else
+    assert features["repa"].shape == (2, 64, 768)  # DINOv2-B width, one token per patch
+    torch.testing.assert_close(features["repa"], model.projector(seen["block1"]))
+    assert [m.out_features for m in model.projector if hasattr(m, "out_features")] == [48, 48, 768]
+    assert tiny_model()(x, t, y, return_features=True)[1] == {}  # no projector: no REPA features
 
 
 def test_frozen_trunk_gets_no_gradients():
@@ -128,11 +204,15 @@ def test_frozen_trunk_gets_no_gradients():
     assert count_params(model, trainable_only=True) == count_params(model.decoder)
 
 
-def test_activation_checkpointing_matches():
-    plain = wake_zero_inits(tiny_model())
-    ckpt = tiny_model(activation_checkpointing=True)
+@pytest.mark.parametrize("variant", ["pit-compact", "pit-pixel", "mlp", "mixer"])
+def test_activation_checkpointing_matches(variant):
+    plain = wake_zero_inits(tiny_model(**VARIANTS[variant]))
+    torch.manual_seed(0)
+    cfg = tiny_cfg(activation_checkpointing=True, **VARIANTS[variant])
+    cfg.trunk.activation_checkpointing = True
+    ckpt = build_generator(cfg, resolution=32)
     ckpt.load_state_dict(plain.state_dict())
-    assert all(block.activation_checkpointing for block in ckpt.decoder.blocks)
+    assert ckpt.decoder.activation_checkpointing and ckpt.trunk.semantic.activation_checkpointing
     x, t, y = inputs()
     out_plain, out_ckpt = plain(x, t, y), ckpt(x, t, y)
     torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=1e-6)
@@ -149,7 +229,7 @@ def test_paper_param_counts(name, expected):
         model = build_generator(cfg, resolution=256)
     n = count_params(model)
     print(f"PixelDiT-{name}: {n / 1e6:.1f}M params (paper {expected / 1e6:.0f}M)")
-    assert abs(n - expected) / expected < 0.05
+    assert abs(n - expected) / expected < 0.02
 
 
 def test_size_overrides_dims_and_leaves_config_alone():
@@ -170,3 +250,22 @@ def test_unknown_size_and_bad_resolution_are_rejected():
         build_generator(ModelConfig(trunk=TrunkConfig(size="huge")), resolution=256)
     with pytest.raises(ValueError, match="patch_size"):
         build_generator(tiny_cfg(), resolution=30)
+
+
+@pytest.mark.parametrize("field,value,key", [
+    ("kind", "unet", "model.decoder.kind"),
+    ("attention", "local", "model.decoder.attention"),
+    ("adaln", "global", "model.decoder.adaln"),
+    ("attn_dim", 20, "model.decoder.heads"),  # the tiny size sets 4 heads: 20 / 4 = 5 is no RoPE head
+    ("mlp_hidden", 0, "model.decoder.mlp_hidden"),
+])
+def test_bad_decoder_keys_are_named(field, value, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_generator(tiny_cfg(**{field: value}), resolution=32)
+
+
+def test_bad_repa_block_is_named():
+    cfg = tiny_cfg()
+    cfg.repa = RepaConfig(weight=0.5, block=3)  # the tiny trunk has 2 blocks
+    with pytest.raises(ValueError, match=r"model\.repa\.block"):
+        build_generator(cfg, resolution=32)

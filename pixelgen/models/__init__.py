@@ -9,9 +9,13 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .config import DecoderConfig, ModelConfig, TrunkConfig
-from .decoder import PiTDecoder
-from .generator import PixelGenerator
-from .trunk import PatchTrunk
+from .decoder import ADALN, ATTENTION, KINDS, PixelDecoder
+from .generator import PixelGenerator, repa_projector
+from .trunk import PatchTrunk, TrunkOutput
+
+TRUNK_KINDS = ("pixeldit", "dino_student")
+# Width and patch size of the supported DINO teachers (timm names), known without building them.
+TEACHERS = {"vit_base_patch14_dinov2": (768, 14), "vit_small_patch16_dinov3": (384, 16)}
 
 
 @dataclass(frozen=True)
@@ -40,46 +44,95 @@ def resolve_size(model_cfg: ModelConfig) -> tuple[TrunkConfig, DecoderConfig]:
     if trunk.size is None:
         return trunk, decoder
     if trunk.size not in SIZES:
-        raise ValueError(f"unknown model.trunk.size {trunk.size!r}; known sizes: {', '.join(SIZES)}")
+        raise ValueError(f"key 'model.trunk.size' = {trunk.size!r}: unknown size; known sizes: {', '.join(SIZES)}")
     size = SIZES[trunk.size]
     trunk = replace(trunk, dim=size.dim, depth=size.depth, heads=size.heads)
     decoder = replace(decoder, pixel_dim=size.pixel_dim, depth=size.pixel_depth, heads=size.pixel_heads)
     return trunk, decoder
 
 
-def build_generator(model_cfg: ModelConfig, resolution: int) -> PixelGenerator:
-    trunk_cfg, dec_cfg = resolve_size(model_cfg)
-    if trunk_cfg.kind != "pixeldit":
-        raise ValueError(f"unknown model.trunk.kind {trunk_cfg.kind!r}; known kinds: pixeldit")
-    if dec_cfg.kind != "pit":
-        raise ValueError(f"unknown model.decoder.kind {dec_cfg.kind!r}; known kinds: pit")
-    if resolution % trunk_cfg.patch_size:
-        raise ValueError(f"resolution {resolution} is not a multiple of model.trunk.patch_size={trunk_cfg.patch_size}")
+def attention_width(trunk: TrunkConfig, decoder: DecoderConfig) -> int:
+    if decoder.attn_dim is not None:
+        return decoder.attn_dim
+    return trunk.dim if decoder.attention == "compact" else decoder.pixel_dim
+
+
+def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkConfig, DecoderConfig]:
+    """Every cross-field check of the model keys; raises ValueError naming the key. Returns the resolved configs."""
+    trunk, dec = resolve_size(model_cfg)
+
+    def fail(key, value, why):
+        raise ValueError(f"key 'model.{key}' = {value!r}: {why}")
+
+    choices = {"trunk.kind": (trunk.kind, TRUNK_KINDS), "decoder.kind": (dec.kind, KINDS),
+               "decoder.attention": (dec.attention, ATTENTION), "decoder.adaln": (dec.adaln, ADALN)}
+    for key, (value, known) in choices.items():
+        if value not in known:
+            fail(key, value, f"must be one of {', '.join(known)}")
+    p = trunk.patch_size
+    if p <= 0 or resolution % p:
+        fail("trunk.patch_size", p, f"must divide data.resolution={resolution} (e.g. {resolution // 8 or 1})")
+    if trunk.kind == "dino_student":
+        teacher = trunk.student.teacher
+        if teacher.name not in TEACHERS or TEACHERS[teacher.name][1] != p:
+            fail("trunk.student.teacher.name", teacher.name,
+                 f"the student needs a /{p} DINO encoder; with patch 16 use vit_small_patch16_dinov3")
+        if trunk.student.lora_rank < 0:
+            fail("trunk.student.lora_rank", trunk.student.lora_rank, "must be >= 0 (0 = full fine-tuning)")
     # 2D RoPE splits each head into row and column halves of rotary pairs.
-    attn_dim = trunk_cfg.dim if dec_cfg.attn_dim is None else dec_cfg.attn_dim
-    heads_by_dim = {"model.trunk": (trunk_cfg.dim, trunk_cfg.heads), "model.decoder": (attn_dim, dec_cfg.heads)}
-    for where, (dim, heads) in heads_by_dim.items():
-        if dim % heads or (dim // heads) % 4:
-            raise ValueError(f"{where}: attention dim {dim} / heads {heads} must give a head dim divisible by 4")
-    trunk = PatchTrunk(
-        patch_size=trunk_cfg.patch_size,
-        dim=trunk_cfg.dim,
-        depth=trunk_cfg.depth,
-        heads=trunk_cfg.heads,
-        mlp_ratio=trunk_cfg.mlp_ratio,
-        num_classes=model_cfg.num_classes,
-    )
-    decoder = PiTDecoder(
+    if trunk.dim % trunk.heads or (trunk.dim // trunk.heads) % 4:
+        fail("trunk.heads", trunk.heads, f"must divide model.trunk.dim={trunk.dim} into heads of a multiple of 4")
+    if dec.kind == "pit":
+        width = attention_width(trunk, dec)
+        if width % dec.heads or (width // dec.heads) % 4:
+            fail("decoder.heads", dec.heads,
+                 f"must divide the decoder's attention width {width} (decoder.attn_dim) into heads of a multiple of 4")
+    if dec.kind != "mlp" and dec.pixel_dim % 4:
+        fail("decoder.pixel_dim", dec.pixel_dim, "must be a multiple of 4 (2D sin-cos pixel positions)")
+    if dec.mlp_hidden is not None and dec.mlp_hidden <= 0:
+        fail("decoder.mlp_hidden", dec.mlp_hidden, "must be positive (or null for mlp_ratio x pixel_dim)")
+    repa = model_cfg.repa
+    if repa.weight < 0:
+        fail("repa.weight", repa.weight, "must be >= 0 (0 = REPA off)")
+    if repa.weight > 0:
+        if repa.teacher.name not in TEACHERS:
+            fail("repa.teacher.name", repa.teacher.name, f"must be one of {', '.join(TEACHERS)}")
+        if not 1 <= repa.block <= trunk.depth:
+            fail("repa.block", repa.block, f"must be a trunk block between 1 and model.trunk.depth={trunk.depth}")
+    return trunk, dec
+
+
+def build_generator(model_cfg: ModelConfig, resolution: int, *, pretrained: bool = True) -> PixelGenerator:
+    """`pretrained=False` skips loading teacher weights into a DINO student (for weights loaded on top)."""
+    trunk_cfg, dec_cfg = check_model_config(model_cfg, resolution)
+    common = dict(dim=trunk_cfg.dim, depth=trunk_cfg.depth, heads=trunk_cfg.heads, mlp_ratio=trunk_cfg.mlp_ratio,
+                  num_classes=model_cfg.num_classes, activation_checkpointing=trunk_cfg.activation_checkpointing)
+    if trunk_cfg.kind == "pixeldit":
+        trunk = PatchTrunk(patch_size=trunk_cfg.patch_size, **common)
+    else:
+        from .student import DinoStudentTrunk  # imports timm
+
+        trunk = DinoStudentTrunk(student=trunk_cfg.student, pretrained=pretrained, **common)
+    decoder = PixelDecoder(
+        kind=dec_cfg.kind,
         patch_size=trunk_cfg.patch_size,
         cond_dim=trunk_cfg.dim,
         pixel_dim=dec_cfg.pixel_dim,
         depth=dec_cfg.depth,
         heads=dec_cfg.heads,
-        attn_dim=attn_dim,
-        mlp_ratio=dec_cfg.mlp_ratio,
+        attention=dec_cfg.attention,
+        attn_dim=attention_width(trunk_cfg, dec_cfg),
+        mlp_hidden=dec_cfg.mlp_hidden or int(dec_cfg.mlp_ratio * dec_cfg.pixel_dim),
+        adaln=dec_cfg.adaln,
         activation_checkpointing=dec_cfg.activation_checkpointing,
     )
-    return PixelGenerator(trunk, decoder, num_classes=model_cfg.num_classes, resolution=resolution)
+    projector, repa_block = None, None
+    if model_cfg.repa.weight > 0:
+        repa_block = model_cfg.repa.block
+        hidden = model_cfg.repa.projector_dim or trunk_cfg.dim
+        projector = repa_projector(trunk_cfg.dim, hidden, TEACHERS[model_cfg.repa.teacher.name][0])
+    return PixelGenerator(trunk, decoder, num_classes=model_cfg.num_classes, resolution=resolution,
+                          projector=projector, repa_block=repa_block)
 
 
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
@@ -88,11 +141,14 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 __all__ = [
     "SIZES",
+    "TEACHERS",
     "ModelSize",
     "PatchTrunk",
-    "PiTDecoder",
+    "PixelDecoder",
     "PixelGenerator",
+    "TrunkOutput",
     "build_generator",
+    "check_model_config",
     "count_params",
     "resolve_size",
 ]

@@ -1,96 +1,151 @@
-"""PixelDiT pixel-level decoder: PiT blocks over per-pixel tokens, conditioned pixel by pixel on the trunk's
-per-patch semantic tokens.
+"""Pixel-level decoders: produce the pixels of each patch from the noisy image and the trunk's per-patch
+condition. One decoder class, three block kinds (the design space of the research posts):
 
-Pixel tokens are kept grouped by patch as [B*L, p*p, D_pix] (L patches, row-major), so per-pixel ops are
-plain Linears and the global attention runs over L compacted patch tokens instead of H*W pixels.
+- pit: PixelDiT's PiT blocks. AdaLN, attention (`compact`: the p*p pixel tokens of a patch compressed to one
+  token and attended across all patches, as published; `pixel`: attention among the pixels of each patch at
+  its own width), then a per-pixel MLP.
+- mlp: attention-free per-pixel MLP blocks with in-patch DCT position features (DeCo-like).
+- mixer: MLP-mixer blocks: a token-mixing MLP across the pixels of a patch, then a per-pixel MLP.
+
+Pixel tokens stay grouped by patch as [N, P, D] (N = B*L patches in row-major order, P = p*p pixels), so
+per-pixel ops are plain Linears. Every kind zero-initialises its modulation and output layer, so the untrained
+decoder predicts exactly zero, and every kind can recompute its blocks in backward (activation checkpointing).
 """
+
+import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
-from .layers import MLP, Attention, RMSNorm, init_linear_xavier, modulate, rope_2d, sincos_2d
+from .layers import MLP, Attention, RMSNorm, init_linear_xavier, modulate, rope_2d, run_block, sincos_2d
+
+KINDS = ("pit", "mlp", "mixer")
+ATTENTION = ("compact", "pixel")
+ADALN = ("pixel", "patch", "factored")
+
+
+class PixelAdaLN(nn.Module):
+    """`n` modulation tensors (shifts, scales, gates) for the pixels of every patch, each [N, P or 1, D].
+
+    pixel: Linear(cond -> n*P*D) on the patch token, a different vector for every pixel (PixelDiT; costs
+    cond_dim*n*P*D parameters per block, 28M for XL). patch: Linear(cond -> n*D), one vector shared by the
+    patch's pixels. factored: Linear(D -> n*D) on a per-pixel condition the decoder embeds once (DeCo).
+    """
+
+    def __init__(self, mode: str, *, cond_dim: int, pixel_dim: int, pixels: int, n: int):
+        super().__init__()
+        self.mode, self.n, self.pixel_dim = mode, n, pixel_dim
+        in_dim = pixel_dim if mode == "factored" else cond_dim
+        out_dim = n * pixel_dim * (pixels if mode == "pixel" else 1)
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, cond):
+        """cond: [B, L, cond_dim] (pixel, patch) or the decoder's per-pixel condition [N, P, D] (factored)."""
+        out = self.linear(cond)
+        if self.mode == "pixel":
+            return rearrange(out, "b l (n p d) -> n (b l) p d", n=self.n, d=self.pixel_dim).unbind(0)
+        if self.mode == "patch":
+            return rearrange(out, "b l (n d) -> n (b l) 1 d", n=self.n).unbind(0)
+        return rearrange(out, "N p (n d) -> n N p d", n=self.n).unbind(0)
 
 
 class PiTBlock(nn.Module):
-    def __init__(
-        self,
-        *,
-        pixel_dim: int,
-        cond_dim: int,
-        patch_size: int,
-        attn_dim: int,
-        heads: int,
-        mlp_ratio: float,
-        activation_checkpointing: bool = False,
-    ):
+    def __init__(self, *, pixel_dim, pixels, attention, attn_dim, heads, mlp_hidden, adaln_mode, cond_dim):
         super().__init__()
-        self.pixel_dim = pixel_dim
-        self.activation_checkpointing = activation_checkpointing
-        p2 = patch_size * patch_size
-        # Pixel-wise AdaLN: a separate (shift, scale, gate) x 2 for each of the p*p pixels of a patch.
-        self.adaLN = nn.Linear(cond_dim, 6 * p2 * pixel_dim)
+        self.attention = attention
+        self.adaLN = PixelAdaLN(adaln_mode, cond_dim=cond_dim, pixel_dim=pixel_dim, pixels=pixels, n=6)
         self.norm1 = RMSNorm(pixel_dim)
-        self.compress = nn.Linear(p2 * pixel_dim, attn_dim)
-        self.attn = Attention(attn_dim, heads)
-        self.expand = nn.Linear(attn_dim, p2 * pixel_dim)
+        if attention == "compact":
+            self.compress = nn.Linear(pixels * pixel_dim, attn_dim)
+            self.attn = Attention(attn_dim, heads)
+            self.expand = nn.Linear(attn_dim, pixels * pixel_dim)
+        else:
+            self.attn = Attention(attn_dim, heads, io_dim=pixel_dim)
         self.norm2 = RMSNorm(pixel_dim)
-        self.mlp = MLP(pixel_dim, mlp_ratio)
+        self.mlp = MLP(pixel_dim, mlp_hidden)
 
-    def modulation(self, cond_BLD):
-        """(shift1, scale1, gate1, shift2, scale2, gate2), each [B*L, p*p, D_pix]."""
-        mod = rearrange(self.adaLN(cond_BLD), "b l (six p2 d) -> six (b l) p2 d", six=6, d=self.pixel_dim)
-        return mod.unbind(0)
-
-    def forward(self, x_NPD, cond_BLD, rope):
-        # The adaLN output alone is 6*p*p*D_pix floats per patch, so recomputing beats storing it.
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_NPD, cond_BLD, rope, use_reentrant=False)
-        return self._forward(x_NPD, cond_BLD, rope)
-
-    def _forward(self, x_NPD, cond_BLD, rope):  # N = B*L patches, P = p*p pixels
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond_BLD)
-        h_BLF = rearrange(modulate(self.norm1(x_NPD), shift1, scale1), "(b l) p d -> b l (p d)", b=cond_BLD.shape[0])
-        h_BLF = self.expand(self.attn(self.compress(h_BLF), rope))
-        x_NPD = x_NPD + gate1 * rearrange(h_BLF, "b l (p d) -> (b l) p d", d=self.pixel_dim)
-        x_NPD = x_NPD + gate2 * self.mlp(modulate(self.norm2(x_NPD), shift2, scale2))
-        return x_NPD
+    def forward(self, x_NPD, cond, rope, batch: int):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)
+        h_NPD = modulate(self.norm1(x_NPD), shift1, scale1)
+        if self.attention == "compact":  # one token per patch, attention across the L patches of an image
+            h_BLF = self.compress(rearrange(h_NPD, "(b l) p d -> b l (p d)", b=batch))
+            h_NPD = rearrange(self.expand(self.attn(h_BLF, rope)), "b l (p d) -> (b l) p d", p=x_NPD.shape[1])
+        else:  # the P pixels of each patch attend to each other
+            h_NPD = self.attn(h_NPD, rope)
+        x_NPD = x_NPD + gate1 * h_NPD
+        return x_NPD + gate2 * self.mlp(modulate(self.norm2(x_NPD), shift2, scale2))
 
 
-class PiTDecoder(nn.Module):
-    def __init__(
-        self,
-        *,
-        patch_size: int,
-        cond_dim: int,
-        pixel_dim: int,
-        depth: int,
-        heads: int,
-        attn_dim: int | None = None,
-        mlp_ratio: float = 4.0,
-        activation_checkpointing: bool = False,
-    ):
+class MLPBlock(nn.Module):
+    """DeCo's ResBlock: AdaLN, a per-pixel MLP, a gated residual; no interaction between pixels."""
+
+    def __init__(self, *, pixel_dim, pixels, mlp_hidden, adaln_mode, cond_dim):
         super().__init__()
-        attn_dim = cond_dim if attn_dim is None else attn_dim
+        self.adaLN = PixelAdaLN(adaln_mode, cond_dim=cond_dim, pixel_dim=pixel_dim, pixels=pixels, n=3)
+        self.norm = RMSNorm(pixel_dim)
+        self.mlp = MLP(pixel_dim, mlp_hidden)
+
+    def forward(self, x_NPD, cond, rope, batch: int):
+        shift, scale, gate = self.adaLN(cond)
+        return x_NPD + gate * self.mlp(modulate(self.norm(x_NPD), shift, scale))
+
+
+class MixerBlock(nn.Module):
+    """MLP-mixer over the pixels of a patch: the token MLP mixes pixels (per channel), the channel MLP mixes
+    features (per pixel); both AdaLN-modulated and gated."""
+
+    def __init__(self, *, pixel_dim, pixels, mlp_hidden, token_hidden, adaln_mode, cond_dim):
+        super().__init__()
+        self.adaLN = PixelAdaLN(adaln_mode, cond_dim=cond_dim, pixel_dim=pixel_dim, pixels=pixels, n=6)
+        self.norm1 = RMSNorm(pixel_dim)
+        self.token_mlp = MLP(pixels, token_hidden)
+        self.norm2 = RMSNorm(pixel_dim)
+        self.mlp = MLP(pixel_dim, mlp_hidden)
+
+    def forward(self, x_NPD, cond, rope, batch: int):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)
+        h_NDP = rearrange(modulate(self.norm1(x_NPD), shift1, scale1), "n p d -> n d p")
+        x_NPD = x_NPD + gate1 * rearrange(self.token_mlp(h_NDP), "n d p -> n p d")
+        return x_NPD + gate2 * self.mlp(modulate(self.norm2(x_NPD), shift2, scale2))
+
+
+def dct_features(patch_size: int, max_freq: int = 8) -> torch.Tensor:
+    """[p*p, f*f] 2D DCT-II basis values at each pixel of a patch (f = min(p, max_freq)): DeCo's in-patch
+    position features, smooth at low frequency so neighbouring pixels get similar codes."""
+    f = min(patch_size, max_freq)
+    pos = torch.arange(patch_size, dtype=torch.float32)
+    basis_PF = torch.cos(math.pi * (2 * pos[:, None] + 1) * torch.arange(f)[None] / (2 * patch_size))
+    return rearrange(basis_PF[:, None, :, None] * basis_PF[None, :, None, :], "i j u v -> (i j) (u v)")
+
+
+class PixelDecoder(nn.Module):
+    def __init__(self, *, kind: str, patch_size: int, cond_dim: int, pixel_dim: int, depth: int, heads: int,
+                 attention: str, attn_dim: int, mlp_hidden: int, adaln: str,
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        self.kind, self.attention, self.adaln = kind, attention, adaln
         self.patch_size = patch_size
         self.pixel_dim = pixel_dim
         self.head_dim = attn_dim // heads
-        self.pixel_embed = nn.Linear(3, pixel_dim)
-        self.blocks = nn.ModuleList(
-            [
-                PiTBlock(
-                    pixel_dim=pixel_dim,
-                    cond_dim=cond_dim,
-                    patch_size=patch_size,
-                    attn_dim=attn_dim,
-                    heads=heads,
-                    mlp_ratio=mlp_ratio,
-                    activation_checkpointing=activation_checkpointing,
-                )
-                for _ in range(depth)
-            ]
-        )
+        self.activation_checkpointing = activation_checkpointing
+        pixels = patch_size * patch_size
+        if kind == "mlp":
+            self.register_buffer("dct_PF", dct_features(patch_size), persistent=False)
+            self.pixel_embed = nn.Linear(3 + self.dct_PF.shape[1], pixel_dim)
+        else:
+            self.pixel_embed = nn.Linear(3, pixel_dim)  # plus a fixed 2D sin-cos over the whole image
+        if adaln == "factored":
+            self.cond_embed = nn.Linear(cond_dim, pixels * pixel_dim)
+        common = dict(pixel_dim=pixel_dim, pixels=pixels, mlp_hidden=mlp_hidden, adaln_mode=adaln, cond_dim=cond_dim)
+        if kind == "pit":
+            blocks = [PiTBlock(attention=attention, attn_dim=attn_dim, heads=heads, **common) for _ in range(depth)]
+        elif kind == "mlp":
+            blocks = [MLPBlock(**common) for _ in range(depth)]
+        else:
+            blocks = [MixerBlock(token_hidden=pixels, **common) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(pixel_dim)
         self.final = nn.Linear(pixel_dim, 3)
         self.initialize_weights()
@@ -98,20 +153,36 @@ class PiTDecoder(nn.Module):
     def initialize_weights(self):
         self.apply(init_linear_xavier)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN.weight)
-            nn.init.zeros_(block.adaLN.bias)
+            nn.init.zeros_(block.adaLN.linear.weight)
+            nn.init.zeros_(block.adaLN.linear.bias)
         nn.init.zeros_(self.final.weight)
         nn.init.zeros_(self.final.bias)
+
+    def embed(self, x_BCHW):
+        """Per-pixel tokens [N, P, D] of the noisy image."""
+        p = self.patch_size
+        B, _, H, W = x_BCHW.shape
+        if self.kind == "mlp":
+            px_NPC = rearrange(x_BCHW, "b c (h p1) (w p2) -> (b h w) (p1 p2) c", p1=p, p2=p)
+            dct_NPF = self.dct_PF.to(px_NPC.dtype).expand(px_NPC.shape[0], -1, -1)
+            return self.pixel_embed(torch.cat([px_NPC, dct_NPF], dim=-1))
+        px_BHWD = self.pixel_embed(rearrange(x_BCHW, "b c h w -> b h w c"))
+        px_BHWD = px_BHWD + sincos_2d(self.pixel_dim, H, W, device=x_BCHW.device).to(px_BHWD.dtype)
+        return rearrange(px_BHWD, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p, p2=p)
 
     def forward(self, x_BCHW, cond_BLD):
         """x_BCHW: the noisy image; cond_BLD: SiLU(t_emb + s) per patch, from the trunk. Returns [B, 3, H, W]."""
         p = self.patch_size
         B, _, H, W = x_BCHW.shape
-        px_BHWD = self.pixel_embed(rearrange(x_BCHW, "b c h w -> b h w c"))
-        px_BHWD = px_BHWD + sincos_2d(self.pixel_dim, H, W, device=x_BCHW.device).to(px_BHWD.dtype)
-        px_NPD = rearrange(px_BHWD, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p, p2=p)
-        rope = rope_2d(self.head_dim, H // p, W // p, device=x_BCHW.device)
+        px_NPD = self.embed(x_BCHW)
+        cond = cond_BLD
+        if self.adaln == "factored":
+            cond = F.silu(rearrange(self.cond_embed(cond_BLD), "b l (p d) -> (b l) p d", d=self.pixel_dim))
+        rope = None
+        if self.kind == "pit":
+            grid = (H // p, W // p) if self.attention == "compact" else (p, p)
+            rope = rope_2d(self.head_dim, *grid, device=x_BCHW.device)
         for block in self.blocks:
-            px_NPD = block(px_NPD, cond_BLD, rope)
+            px_NPD = run_block(block, px_NPD, cond, rope, B, checkpointing=self.activation_checkpointing)
         out_NPC = self.final(self.final_norm(px_NPD))
         return rearrange(out_NPC, "(b h w) (p1 p2) c -> b c (h p1) (w p2)", b=B, h=H // p, p1=p)

@@ -6,10 +6,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+def run_block(block: nn.Module, *args, checkpointing: bool):
+    """Call a block, recomputing it in backward instead of storing its activations when `checkpointing`."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def init_linear_xavier(module):
@@ -69,18 +77,23 @@ def sincos_2d(dim: int, h: int, w: int, *, device=None):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with per-head RMS qk-norm and 2D RoPE."""
+    """Multi-head self-attention with per-head RMS qk-norm and 2D RoPE.
 
-    def __init__(self, dim: int, heads: int):
+    `io_dim` (default `dim`) is the width of the tokens coming in and going out, so attention can run wider
+    than the tokens it mixes (the decoder's low-dim pixels attending at a higher width).
+    """
+
+    def __init__(self, dim: int, heads: int, io_dim: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
+        io_dim = dim if io_dim is None else io_dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv = nn.Linear(io_dim, 3 * dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, io_dim)
 
     def forward(self, x_BLD, rope):
         q, k, v = rearrange(self.qkv(x_BLD), "b l (three h d) -> three b h l d", three=3, h=self.heads)
@@ -104,9 +117,8 @@ class SwiGLU(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = int(mlp_ratio * dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
