@@ -112,7 +112,7 @@ def test_sample_guides_only_inside_interval_with_one_batched_forward():
     assert [b for b, _ in model.calls] == [2] * 5  # scale 1: no unconditional pass at all
 
 
-@pytest.mark.parametrize("kind", ["euler", "heun"])
+@pytest.mark.parametrize("kind", ["euler", "heun", "ab2"])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_constant_velocity_is_integrated_exactly(kind, shift):
     c = torch.tensor([0.3, -0.2, 0.5]).view(1, 3, 1, 1)
@@ -133,7 +133,7 @@ def test_heun_is_exact_for_time_linear_velocity():
     torch.testing.assert_close(x, torch.full_like(x, c / 2), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,order", [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("kind,order", [("euler", 1), ("heun", 2), ("ab2", 2)])
 def test_convergence_order_on_linear_ode(kind, order):
     a = 1.0  # dx/dt = a x  ->  x(1) = x(0) e^a
     model = VelocityField(lambda x, t, y: a * x)
@@ -148,6 +148,73 @@ def test_convergence_order_on_linear_ode(kind, order):
     assert all(abs(math.log2(r) - order) < 0.15 for r in ratios), (errors, ratios)
     if kind == "heun":
         assert errors[0] < 1e-3
+    if kind == "ab2":  # one evaluation per step, like Euler, for a second-order error
+        assert errors[0] < 1e-2
+
+
+def test_ab2_uses_the_previous_velocity_with_1_5_and_minus_0_5_on_equal_steps():
+    # v depends on the step index only, so each update is a known combination of the evaluations.
+    values = iter([1.0, 3.0, -2.0, 0.5])
+    model = VelocityField(lambda x, t, y: torch.full_like(x, next(values)))
+    x = sample(model, torch.zeros(1, dtype=torch.long), shape=(1, 1, 1), cfg=SamplerConfig(kind="ab2", steps=4),
+               num_classes=1, noise=torch.zeros(1, 1, 1, 1, dtype=torch.float64))
+    dt = 0.25
+    expected = dt * 1.0 + dt * (1.5 * 3.0 - 0.5 * 1.0) + dt * (1.5 * -2.0 - 0.5 * 3.0) + dt * (1.5 * 0.5 + 0.5 * 2.0)
+    assert x.item() == pytest.approx(expected)
+    assert len(model.calls) == 4
+
+
+def test_x_pred_targets_and_the_one_minus_t_clamp():
+    obj = FlowMatching(ObjectiveConfig(kind="x_pred", t_eps=0.05), NUM_CLASSES, class_dropout=0.0)
+    x0 = torch.tensor([0.5, -1.0]).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    e = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    t = torch.tensor([0.5, 0.99])
+    x_t, _ = FlowMatching.interpolate(x0, e, t)
+    # A perfect x0 prediction implies the true velocity x0 - e where 1 - t >= t_eps ...
+    torch.testing.assert_close(obj.to_velocity(x0, x_t, t)[0], (x0 - e)[0])
+    # ... and near t = 1 the division is by t_eps, not by 1 - t = 0.01.
+    torch.testing.assert_close(obj.to_velocity(x0, x_t, t)[1], ((x0 - x_t) / 0.05)[1])
+
+    pred = torch.full((2, 3, 2, 2), 0.25)
+    g = torch.Generator().manual_seed(3)
+    seen = {}
+
+    def record(x, t_, y):
+        seen.update(x=x, t=t_)
+        return pred
+
+    loss, logs = obj.loss(record, x0, torch.arange(2), generator=g)
+    denom = (1 - seen["t"]).clamp_min(0.05).view(-1, 1, 1, 1)
+    expected = (((pred - seen["x"]) - (x0 - seen["x"])) / denom).square().mean()  # the v-loss
+    torch.testing.assert_close(loss, expected)
+    assert logs["fm_loss"] == loss
+
+
+def test_noise_scale_scales_the_noise():
+    obj = FlowMatching(ObjectiveConfig(noise_scale=2.0), NUM_CLASSES, class_dropout=0.0)
+    seen = {}
+    x0 = torch.zeros(4, 3, 8, 8)
+    obj.loss(lambda x, t, y: seen.update(x=x, t=t) or torch.zeros_like(x), x0, torch.arange(4),
+             generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    torch.randn(4, generator=g)  # t is drawn first
+    e = 2.0 * torch.randn(x0.shape, generator=g)
+    torch.testing.assert_close(seen["x"], (1 - seen["t"]).view(-1, 1, 1, 1) * e)
+
+
+@pytest.mark.parametrize("kind", ["euler", "heun", "ab2"])
+def test_x_pred_sampling_lands_on_a_constant_prediction(kind):
+    # A network that always predicts x*: the flow x(t) = x* + (1 - t)(x(0) - x*) has a constant velocity,
+    # so every sampler ends exactly on x*.
+    target = torch.tensor([0.3, -0.6, 0.9]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    model = VelocityField(lambda x, t, y: target)
+    obj = FlowMatching(ObjectiveConfig(kind="x_pred"), NUM_CLASSES, class_dropout=0.0)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).clamp(-0.9, 0.9)
+    x = sample(model, torch.zeros(2, dtype=torch.long), shape=(3, 4, 4), cfg=SamplerConfig(kind=kind, steps=10),
+               num_classes=NUM_CLASSES, noise=noise, objective=obj)
+    torch.testing.assert_close(x, target, atol=1e-5, rtol=0)
+    # Heun's last step is Euler for x_pred: no evaluation at t = 1, where the velocity divides by t_eps.
+    assert max(t for _, t in model.calls) < 1.0
 
 
 def tiny_generator():
