@@ -11,11 +11,10 @@ import torch.nn as nn
 from .config import DecoderConfig, ModelConfig, TrunkConfig
 from .decoder import ADALN, ATTENTION, KINDS, PixelDecoder
 from .generator import PixelGenerator, repa_projector
+from .teachers import TEACHERS
 from .trunk import PatchTrunk, TrunkOutput
 
 TRUNK_KINDS = ("pixeldit", "dino_student")
-# Width and patch size of the supported DINO teachers (timm names), known without building them.
-TEACHERS = {"vit_base_patch14_dinov2": (768, 14), "vit_small_patch16_dinov3": (384, 16)}
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkCo
         fail("trunk.patch_size", p, f"must divide data.resolution={resolution} (e.g. {resolution // 8 or 1})")
     if trunk.kind == "dino_student":
         teacher = trunk.student.teacher
-        if teacher.name not in TEACHERS or TEACHERS[teacher.name][1] != p:
+        if teacher.name not in TEACHERS or TEACHERS[teacher.name].patch_size != p:
             fail("trunk.student.teacher.name", teacher.name,
                  f"the student needs a /{p} DINO encoder; with patch 16 use vit_small_patch16_dinov3")
         if trunk.student.lora_rank < 0:
@@ -130,7 +129,7 @@ def build_generator(model_cfg: ModelConfig, resolution: int, *, pretrained: bool
     if model_cfg.repa.weight > 0:
         repa_block = model_cfg.repa.block
         hidden = model_cfg.repa.projector_dim or trunk_cfg.dim
-        projector = repa_projector(trunk_cfg.dim, hidden, TEACHERS[model_cfg.repa.teacher.name][0])
+        projector = repa_projector(trunk_cfg.dim, hidden, TEACHERS[model_cfg.repa.teacher.name].dim)
     return PixelGenerator(trunk, decoder, num_classes=model_cfg.num_classes, resolution=resolution,
                           projector=projector, repa_block=repa_block)
 
