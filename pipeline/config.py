@@ -19,7 +19,8 @@ from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.eval.config import FIDConfig
-from pixelgen.models import resolve_size
+from pixelgen.diffusion import OBJECTIVES, SAMPLERS
+from pixelgen.models import check_model_config
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 
 STAGES = ("shard", "train_trunk", "train_decoder", "fid")
@@ -128,32 +129,41 @@ def validate(cfg, source: str = "config") -> None:
         fail("stages", list(cfg.stages), f"stages must be distinct and in pipeline order {list(STAGES)}")
     stages = set(cfg.stages)
 
-    res, p = cfg.data.resolution, cfg.model.trunk.patch_size
+    res = cfg.data.resolution
     if res <= 0:
         fail("data.resolution", res, "must be positive")
-    if p <= 0 or res % p:
-        fail("model.trunk.patch_size", p, f"must divide data.resolution={res} (e.g. {res // 8 or 1})")
     if cfg.model.num_classes != cfg.data.num_classes:
         fail("model.num_classes", cfg.model.num_classes, f"must equal data.num_classes={cfg.data.num_classes}")
     try:
-        t, d = resolve_size(OmegaConf.to_object(cfg.model))  # a named size replaces the dims below
+        check_model_config(OmegaConf.to_object(cfg.model), res)
     except ValueError as err:
-        fail("model.trunk.size", cfg.model.trunk.size, str(err))
-    if t.dim % t.heads:
-        fail("model.trunk.heads", t.heads, f"must divide model.trunk.dim={t.dim}")
-    if (t.dim // t.heads) % 4:
-        fail("model.trunk.dim", t.dim, "head dim (dim/heads) must be a multiple of 4 for 2D RoPE")
-    attn_dim = d.attn_dim or t.dim
-    if attn_dim % d.heads or (attn_dim // d.heads) % 4:
-        fail("model.decoder.heads", d.heads, f"must divide the attention width {attn_dim} into heads of a multiple of 4")
+        raise ConfigError(f"{source}: {err}") from None
     if not 0.0 <= cfg.model.class_dropout < 1.0:
         fail("model.class_dropout", cfg.model.class_dropout, "must be in [0, 1)")
-    if cfg.sampler.kind not in ("euler", "heun"):
-        fail("sampler.kind", cfg.sampler.kind, "must be 'euler' or 'heun'")
+    if cfg.sampler.kind not in SAMPLERS:
+        fail("sampler.kind", cfg.sampler.kind, f"must be one of {', '.join(SAMPLERS)}")
+    if cfg.sampler.steps <= 0:
+        fail("sampler.steps", cfg.sampler.steps, "must be positive")
     if len(cfg.sampler.cfg_interval) != 2 or not 0 <= cfg.sampler.cfg_interval[0] <= cfg.sampler.cfg_interval[1] <= 1:
         fail("sampler.cfg_interval", list(cfg.sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
-    if cfg.objective.kind != "flow_velocity":
-        fail("objective.kind", cfg.objective.kind, "only 'flow_velocity' exists so far")
+    if cfg.objective.kind not in OBJECTIVES:
+        fail("objective.kind", cfg.objective.kind, f"must be one of {', '.join(OBJECTIVES)}")
+    for key in ("t_std", "t_eps", "noise_scale", "time_shift"):
+        if cfg.objective[key] <= 0:
+            fail(f"objective.{key}", cfg.objective[key], "must be positive")
+    trains_trunk = "train_trunk" in stages or ("train_decoder" in stages and not cfg.train_decoder.freeze_trunk)
+    teachers = []
+    if cfg.model.repa.weight > 0:
+        teachers.append(("model.repa.teacher", cfg.model.repa.teacher))
+    if cfg.model.trunk.kind == "dino_student":  # the student is initialised from its teacher's weights
+        teachers.append(("model.trunk.student.teacher", cfg.model.trunk.student.teacher))
+    for key, teacher in teachers if trains_trunk else ():
+        if teacher.weights and not Path(teacher.weights).is_file():
+            fail(f"{key}.weights", teacher.weights, "file does not exist")
+        if not teacher.weights and not teacher.allow_random_init:
+            fail(f"{key}.weights", teacher.weights,
+                 f"set it to a local {teacher.name} weights file (timm model.safetensors or the original .pth); "
+                 "see README, 'Weights'")
     try:
         data_shards.validate_config(cfg.shard, cfg.data.resolution)
     except ValueError as err:

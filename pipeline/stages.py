@@ -15,6 +15,7 @@ from pipeline import rundir
 from pipeline.config import ConfigError, to_container
 from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
+from pixelgen.alignment import AlignmentLosses
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.engine.dist import init_distributed
 from pixelgen.engine.export import load_weights
@@ -64,8 +65,13 @@ def stage_shard(cfg, run_dir: Path, task: int | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- training
+def _objective(cfg) -> FlowMatching:
+    return FlowMatching(cfg.objective, cfg.model.num_classes, cfg.model.class_dropout)
+
+
 def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
     """A class-balanced grid: `per_class` images for each of the first classes, fixed noise every time."""
+    objective = _objective(cfg)
 
     def fn(model) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -75,16 +81,21 @@ def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
         was_training = model.training
         model.eval()
         x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
-                   num_classes=cfg.model.num_classes, generator=g)
+                   num_classes=cfg.model.num_classes, generator=g, objective=objective)
         model.train(was_training)
         return to_uint8(x)
 
     return fn
 
 
-def _train(cfg, run_dir: Path, stage: str, make_model, trainable) -> dict:
+def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk: bool) -> dict:
+    """`align_trunk`: the trunk trains here, so REPA and the DINO student's alignment loss apply."""
     tc = cfg[stage]
-    objective = FlowMatching(cfg.objective, cfg.model.num_classes, cfg.model.class_dropout)
+    objective = _objective(cfg)
+    model_cfg = OmegaConf.to_object(cfg.model)
+    alignment = None
+    if align_trunk:
+        alignment = AlignmentLosses(model_cfg, cfg.data.resolution, init_distributed().device)
     shards_dir = shard_dir(cfg, run_dir)
     data_shards.shard_paths(shards_dir, "train")  # fail before DeepSpeed starts when the train split is missing
 
@@ -95,7 +106,7 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable) -> dict:
                                              resolution=cfg.data.resolution))
 
     task = TrainTask(make_model=make_model, trainable=trainable,
-                     loss_fn=lambda m, x, y: objective.loss(m, x, y),
+                     loss_fn=lambda m, x, y: objective.loss(m, x, y, alignment=alignment),
                      sample_fn=_sample_fn(cfg), data_fn=data_fn)
     plain = to_container(cfg)
     result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,
@@ -116,11 +127,12 @@ def stage_train_trunk(cfg, run_dir: Path) -> dict:
     def make_model():
         return build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
 
-    return _train(cfg, run_dir, "train_trunk", make_model, trainable=lambda name: True)
+    return _train(cfg, run_dir, "train_trunk", make_model, trainable=lambda name: True, align_trunk=True)
 
 
 def _load_generator(cfg, path: Path):
-    model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+    # No teacher weights for a DINO student's initialisation: the file's weights replace them.
+    model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution, pretrained=False)
     state, _ = load_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -134,8 +146,10 @@ def stage_train_decoder(cfg, run_dir: Path) -> dict:
     tc = cfg.train_decoder
     init = Path(tc.init_from) if tc.init_from else rundir.stage_dir(run_dir, "train_trunk") / "export" / "ema.safetensors"
     load_weights(init)  # fail before DeepSpeed starts when the trunk's export is missing
-    trainable = (lambda name: not name.startswith("trunk.")) if tc.freeze_trunk else (lambda name: True)
-    summary = _train(cfg, run_dir, "train_decoder", lambda: _load_generator(cfg, init), trainable)
+    # A frozen trunk also freezes the REPA projector that serves it.
+    trainable = (lambda name: name.startswith("decoder.")) if tc.freeze_trunk else (lambda name: True)
+    summary = _train(cfg, run_dir, "train_decoder", lambda: _load_generator(cfg, init), trainable,
+                     align_trunk=not tc.freeze_trunk)
     return {**summary, "init_from": str(init), "trunk_frozen": tc.freeze_trunk}
 
 
@@ -187,7 +201,7 @@ def stage_fid(cfg, run_dir: Path) -> dict:
         for i in range(0, labels.numel(), cfg.fid.batch_size):
             y = labels[i:i + cfg.fid.batch_size].to(dist.device)
             x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
-                       num_classes=n_cls, generator=g)
+                       num_classes=n_cls, generator=g, objective=_objective(cfg))
             chunks.append(to_uint8(x).cpu())
             bar.advance(task, y.numel())
     images = torch.cat(chunks)

@@ -83,8 +83,9 @@ class FlowMatching:
         if self.cfg.kind == "x_pred":
             v_target = self.to_velocity(x0_BCHW.float(), x_t.float(), t_B)
         loss = F.mse_loss(self.to_velocity(pred, x_t.float(), t_B), v_target.float())
-        logs = {"fm_loss": loss.detach()}
+        logs = {}
         if alignment:
+            logs["fm_loss"] = loss.detach()
             for name, (weight, term) in alignment(features, x0_BCHW).items():
                 loss = loss + weight * term
                 logs[name] = term.detach()

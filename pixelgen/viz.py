@@ -27,7 +27,8 @@ def to_uint8(x_BCHW: torch.Tensor) -> torch.Tensor:
     return ((x_BCHW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def plot_metrics(metrics_jsonl: str | Path, path: str | Path, keys: tuple[str, ...] = ("loss", "grad_norm", "lr")) -> Path:
+def plot_metrics(metrics_jsonl: str | Path, path: str | Path,
+                 keys: tuple[str, ...] = ("loss", "fm_loss", "repa_loss", "student_loss", "grad_norm", "lr")) -> Path:
     """One panel per metric against the step, from a metrics.jsonl file."""
     import matplotlib
 
@@ -43,7 +44,7 @@ def plot_metrics(metrics_jsonl: str | Path, path: str | Path, keys: tuple[str, .
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if key == "loss":
+        if key.endswith("loss"):
             ax.set_yscale("log")
     fig.tight_layout()
     out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -57,9 +57,19 @@ def test_decoder_stage_without_trunk(tmp_path):
     ("model.trunk.size=huge", "model.trunk.size"),
     ("model.trunk.heads=3", "model.trunk.heads"),
     ("data.imagenet_dir=null", "data.imagenet_dir"),
+    ("objective.kind=eps", "objective.kind"),
+    ("objective.t_eps=0", "objective.t_eps"),
+    ("sampler.kind=dpm", "sampler.kind"),
+    ("model.decoder.kind=unet", "model.decoder.kind"),
+    ("model.decoder.adaln=global", "model.decoder.adaln"),
+    ("model.repa.block=3", "model.repa.block"),  # the tiny trunk has 2 blocks
+    ("model.repa.block=1", "model.repa.teacher.weights"),  # REPA on (weight 0.5 below) without a teacher file
+    ("model.trunk.kind=dino_student", "model.trunk.student.teacher.name"),  # patch 4 has no DINO encoder
 ])
 def test_impossible_combinations(tmp_path, override, key):
     overrides = ["data.imagenet_dir=/x", override] if not override.startswith("data.imagenet_dir") else [override]
+    if override.startswith("model.repa"):
+        overrides.append("model.repa.weight=0.5")
     msg, _ = _err(tmp_path, overrides=overrides)
     assert f"'{key}'" in msg
 

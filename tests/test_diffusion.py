@@ -187,7 +187,7 @@ def test_x_pred_targets_and_the_one_minus_t_clamp():
     denom = (1 - seen["t"]).clamp_min(0.05).view(-1, 1, 1, 1)
     expected = (((pred - seen["x"]) - (x0 - seen["x"])) / denom).square().mean()  # the v-loss
     torch.testing.assert_close(loss, expected)
-    assert logs["fm_loss"] == loss
+    assert logs["loss"] == loss and "fm_loss" not in logs  # no alignment terms: the loss is all flow matching
 
 
 def test_noise_scale_scales_the_noise():
@@ -239,32 +239,3 @@ def test_sampling_is_deterministic_for_a_seed():
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (2, 3, 32, 32) and a.abs().max() <= 1
-
-
-def test_tiny_generator_overfits_four_images():
-    model = tiny_generator()
-    obj = FlowMatching(ObjectiveConfig(), NUM_CLASSES, class_dropout=0.0)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-    x0 = torch.stack([  # four smooth, distinct images in [-1, 1]
-        torch.stack([xx, yy, xx * yy]),
-        torch.stack([-yy, torch.sin(3 * xx), yy.abs() * 2 - 1]),
-        torch.stack([torch.cos(4 * yy), -xx, xx.abs() * 2 - 1]),
-        torch.stack([xx * 0.5, torch.sin(5 * (xx + yy)), -yy]),
-    ])
-    y = torch.arange(4)
-
-    def eval_loss():
-        with torch.no_grad():
-            return sum(obj.loss(model, x0, y, torch.Generator().manual_seed(s))[0] for s in range(8)) / 8
-
-    before = eval_loss()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(123)
-    for _ in range(150):
-        loss, _ = obj.loss(model, x0, y, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    after = eval_loss()
-    print(f"overfit loss {before:.3f} -> {after:.3f}")
-    assert after < 0.5 * before

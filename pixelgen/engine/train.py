@@ -33,7 +33,7 @@ from pixelgen.viz import plot_metrics, save_grid
 class TrainTask:
     make_model: Callable[[], nn.Module]  # called after seeding, so the initial weights are reproducible
     trainable: Callable[[str], bool]  # parameter name -> does it train
-    # (model, x_float_BCHW, y_B) -> (loss, {name: detached tensor})
+    # (model, x_float_BCHW, y_B) -> (loss, {name: detached scalar tensor}); the named parts are logged too
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
     # model -> uint8 images [N, 3, H, W] for the sample grid
     sample_fn: Callable[[nn.Module], torch.Tensor]
@@ -139,9 +139,10 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
     model = task.make_model().to(dist.device)
     _seed_all(cfg.seed * 1000 + dist.rank)  # then a different noise stream per rank
     on_gpu = dist.device.type == "cuda"
-    named_trainable = [(n, p) for n, p in model.named_parameters() if task.trainable(n)]
+    # A parameter trains when the stage wants it and the model has not frozen it itself (LoRA's base weights).
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and task.trainable(n)]
     for n, p in model.named_parameters():
-        p.requires_grad_(task.trainable(n))
+        p.requires_grad_(p.requires_grad and task.trainable(n))
     optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay, fused=on_gpu or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
@@ -178,7 +179,8 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
             path = save_grid(images, out_dir / "samples" / f"step{at_step:08d}.png")
             log.log_image(at_step, "samples", path)
 
-    loss_sum = torch.zeros((), device=dist.device)
+    # Summed on the device between log lines (no host sync per step): the loss and its named parts.
+    sums: dict[str, torch.Tensor] = {}
     n_loss, data_wait, t_interval, last_loss = 0, 0.0, time.time(), None
     preempted = False
     engine.train()
@@ -188,26 +190,28 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
             images, labels = next(data)
             data_wait += time.time() - t0
             x = to_float(images.to(dist.device, non_blocking=True))
-            loss, _ = task.loss_fn(engine, x, labels.to(dist.device, non_blocking=True))
+            loss, parts = task.loss_fn(engine, x, labels.to(dist.device, non_blocking=True))
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float()
+            for name, value in {**parts, "loss": loss.detach()}.items():
+                sums[name] = sums[name] + value.float() if name in sums else value.float()
             n_loss += 1
         step += 1
         ema.update()
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.time() - t_interval
-            last_loss = (loss_sum / n_loss).item()  # the one host sync per interval
+            means = dict(zip(sums, (torch.stack(list(sums.values())) / n_loss).tolist()))  # one host sync
+            last_loss = means["loss"]
             grad_norm = engine.get_global_grad_norm()
             log.log(step, {
-                "loss": last_loss,
+                **means,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "img_per_s": n_loss * micro * dist.world_size / elapsed,
                 "data_wait": data_wait / elapsed,
             })
-            loss_sum.zero_()
+            sums.clear()
             n_loss, data_wait, t_interval = 0, 0.0, time.time()
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
             sample_grid(step)
