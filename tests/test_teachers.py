@@ -299,3 +299,21 @@ def test_student_gradients_reach_trainables_not_the_teacher(weights, lora_rank):
     if lora_rank:
         assert any("lora_" in n for n, _ in student.named_parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_alignment_losses_on_known_features(weights):
+    from pixelgen.alignment import AlignmentLosses
+    from pixelgen.models.config import ModelConfig, RepaConfig, TrunkConfig
+
+    cfg = ModelConfig(trunk=TrunkConfig(patch_size=8, dim=32, depth=2, heads=2), num_classes=4,
+                      repa=RepaConfig(weight=0.5, block=1,
+                                      teacher=file_cfg("vit_base_patch14_dinov2", weights["vit_base_patch14_dinov2"])))
+    align = AlignmentLosses(cfg, resolution=32, device="cpu")
+    x0 = images(B=2, H=32, W=32)
+    target = DinoTeacher(create_dino(cfg.repa.teacher))(x0, (4, 4))  # the same weights, built independently
+    assert target.shape == (2, 16, 768)
+    for features, expected in [(target, 0.0), (-target, 2.0), (3.0 * target, 0.0)]:
+        (weight, loss), = align({"repa": features}, x0).values()
+        assert weight == 0.5 and loss.item() == pytest.approx(expected, abs=1e-5)
+    # No REPA weight and no student trunk: nothing to align, so no teacher is built.
+    assert not AlignmentLosses(ModelConfig(trunk=TrunkConfig(patch_size=8)), resolution=32, device="cpu")
