@@ -61,6 +61,7 @@ class SemanticBlocks(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
 
     def initialize_weights(self):
+        self.apply(init_linear_xavier)  # DiT's basic init, then its embedding and adaLN-Zero inits
         nn.init.normal_(self.y_embed.table.weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
@@ -100,7 +101,7 @@ class PatchTrunk(nn.Module):
         return self.semantic.blocks
 
     def initialize_weights(self):
-        self.apply(init_linear_xavier)
+        init_linear_xavier(self.patch_embed)
         self.semantic.initialize_weights()
 
     def forward(self, x_BCHW, t_B, y_B, capture_block: Optional[int] = None) -> TrunkOutput:
