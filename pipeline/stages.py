@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from pipeline import rundir
 from pipeline.config import ConfigError, to_container
+from pixelgen.alignment import AlignmentLosses
 from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
-from pixelgen.alignment import AlignmentLosses
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.engine.dist import init_distributed
 from pixelgen.engine.export import load_weights
@@ -195,13 +195,14 @@ def stage_fid(cfg, run_dir: Path) -> dict:
     n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
     labels = torch.arange(n_cls).repeat_interleave(per)
     g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
+    objective = _objective(cfg)
     chunks = []
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"sampling {labels.numel()} images", total=labels.numel())
         for i in range(0, labels.numel(), cfg.fid.batch_size):
             y = labels[i:i + cfg.fid.batch_size].to(dist.device)
             x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
-                       num_classes=n_cls, generator=g, objective=_objective(cfg))
+                       num_classes=n_cls, generator=g, objective=objective)
             chunks.append(to_uint8(x).cpu())
             bar.advance(task, y.numel())
     images = torch.cat(chunks)
