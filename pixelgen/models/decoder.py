@@ -144,6 +144,7 @@ class PixelDecoder(nn.Module):
         elif kind == "mlp":
             blocks = [MLPBlock(**common) for _ in range(depth)]
         else:
+            # The token MLP stays as wide as the patch (P -> P -> P); the width knobs act on the channel MLP.
             blocks = [MixerBlock(token_hidden=pixels, **common) for _ in range(depth)]
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(pixel_dim)
