@@ -17,11 +17,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
+from pixelgen.diffusion import OBJECTIVES, SAMPLERS
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.eval.config import FIDConfig
-from pixelgen.diffusion import OBJECTIVES, SAMPLERS
 from pixelgen.models import check_model_config
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
+from pixelgen.models.teachers import check_weights as check_teacher_weights
 
 STAGES = ("shard", "train_trunk", "train_decoder", "fid")
 
@@ -158,12 +159,10 @@ def validate(cfg, source: str = "config") -> None:
     if cfg.model.trunk.kind == "dino_student":  # the student is initialised from its teacher's weights
         teachers.append(("model.trunk.student.teacher", cfg.model.trunk.student.teacher))
     for key, teacher in teachers if trains_trunk else ():
-        if teacher.weights and not Path(teacher.weights).is_file():
-            fail(f"{key}.weights", teacher.weights, "file does not exist")
-        if not teacher.weights and not teacher.allow_random_init:
-            fail(f"{key}.weights", teacher.weights,
-                 f"set it to a local {teacher.name} weights file (timm model.safetensors or the original .pth); "
-                 "see README, 'Weights'")
+        try:
+            check_teacher_weights(teacher, key)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"{source}: {err}") from None
     try:
         data_shards.validate_config(cfg.shard, cfg.data.resolution)
     except ValueError as err:

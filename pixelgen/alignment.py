@@ -24,11 +24,13 @@ class AlignmentLosses:
         self.grid = (resolution // p, resolution // p)
         self.terms: list[tuple[str, str, float, DinoTeacher]] = []  # (log name, feature key, weight, teacher)
         if repa and model_cfg.repa.weight > 0:
-            teacher = DinoTeacher(create_dino(model_cfg.repa.teacher)).to(self.device)
+            encoder = create_dino(model_cfg.repa.teacher, key="model.repa.teacher")
+            teacher = DinoTeacher(encoder).to(self.device)
             self.terms.append(("repa_loss", "repa", model_cfg.repa.weight, teacher))
         trunk = model_cfg.trunk
         if student and trunk.kind == "dino_student" and trunk.student.align_weight > 0:
-            teacher = DinoTeacher(create_dino(trunk.student.teacher)).to(self.device)
+            encoder = create_dino(trunk.student.teacher, key="model.trunk.student.teacher")
+            teacher = DinoTeacher(encoder).to(self.device)
             self.terms.append(("student_loss", "student", trunk.student.align_weight, teacher))
 
     def __bool__(self) -> bool:

@@ -128,8 +128,8 @@ def sample(model, y_B, *, shape, cfg: SamplerConfig, num_classes: int, generator
     """Integrate the flow ODE from noise (t=0) to data (t=1); returns x_BCHW clamped to [-1, 1].
 
     shape: (C, H, W) per sample (or the full (B, C, H, W)); noise, when given, is the starting point and
-    replaces drawing from `generator` (drawn noise is scaled by the objective's noise_scale). `objective` turns the network's
-    prediction into a velocity (None: the network predicts the velocity). The model runs in whatever
+    replaces drawing from `generator` (drawn noise is scaled by the objective's noise_scale). `objective`
+    turns the network's prediction into a velocity (None: the network predicts the velocity). The model runs in whatever
     train/eval mode the caller set. All samplers step on time_shift(linspace(0, 1, steps + 1)):
     euler takes `steps` evaluations; heun 2 per step (the last step is Euler for x_pred, as in JiT, where the
     velocity at t = 1 divides by t_eps); ab2 one per step, Adams-Bashforth with the previous velocity (variable

@@ -48,7 +48,7 @@ class DinoStudentTrunk(nn.Module):
                  num_classes: int, activation_checkpointing: bool = False, pretrained: bool = True):
         super().__init__()
         # pretrained=False: random encoder weights, for a generator whose exported weights are loaded on top.
-        self.encoder = create_dino(student.teacher, pretrained=pretrained)
+        self.encoder = create_dino(student.teacher, pretrained=pretrained, key="model.trunk.student.teacher")
         if tuple(self.encoder.patch_embed.patch_size) != (16, 16) or not hasattr(self.encoder, "rope"):
             raise ValueError(f"model.trunk.student.teacher.name {student.teacher.name!r}: the DINO student needs a "
                              f"DINOv3 /16 encoder (vit_small_patch16_dinov3), whose patch grid is the generator's")

@@ -29,22 +29,30 @@ TEACHERS = {
     "vit_small_patch16_dinov3": TeacherSpec(384, 16, "timm/vit_small_patch16_dinov3.lvd1689m (model.safetensors), "
                                                      "or Meta's dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
 }
-_CONFIG_KEYS = "model.repa.teacher or model.trunk.student.teacher"
 
 
-def create_dino(cfg: TeacherConfig, *, pretrained: bool = True) -> nn.Module:
+def check_weights(cfg: TeacherConfig, key: str) -> None:
+    """The teacher's weights file is set and exists (or random init is allowed); `key` is its config path, named
+    in the error. The pipeline calls this before anything is submitted, create_dino again when it builds."""
+    if cfg.weights is None and not cfg.allow_random_init:
+        raise ValueError(
+            f"key '{key}.weights' is not set for {cfg.name}: set it to a local weights file, e.g. "
+            f"{TEACHERS[cfg.name].source} downloaded from the Hugging Face hub or Meta on a machine with "
+            f"internet (see README, 'DINO weights'). ({key}.allow_random_init exists for tests only: a random "
+            f"teacher teaches nothing.)")
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"key '{key}.weights' = {cfg.weights!r}: file does not exist ({cfg.name})")
+
+
+def create_dino(cfg: TeacherConfig, *, pretrained: bool = True, key: str = "teacher") -> nn.Module:
     """The timm DINO encoder `cfg.name` without a head, accepting any image size (a multiple of its patch).
 
-    pretrained=False gives random weights and reads no file (for a model whose weights are loaded on top)."""
+    pretrained=False gives random weights and reads no file (for a model whose weights are loaded on top).
+    `key`: the config path of `cfg`, named in errors."""
     if cfg.name not in TEACHERS:
-        raise ValueError(f"unknown teacher.name {cfg.name!r} ({_CONFIG_KEYS}); supported: {', '.join(TEACHERS)}")
-    if pretrained and cfg.weights is None and not cfg.allow_random_init:
-        raise ValueError(
-            f"teacher.weights is not set for {cfg.name} ({_CONFIG_KEYS}): set it to a local weights file, e.g. "
-            f"{TEACHERS[cfg.name].source} downloaded from the Hugging Face hub or Meta on a machine with "
-            f"internet. (teacher.allow_random_init exists for tests only: a random teacher teaches nothing.)")
-    if pretrained and cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise FileNotFoundError(f"teacher.weights file {cfg.weights} ({cfg.name}) does not exist")
+        raise ValueError(f"unknown {key}.name {cfg.name!r}; supported: {', '.join(TEACHERS)}")
+    if pretrained:
+        check_weights(cfg, key)
     import timm  # slow to import; only where a teacher is built
 
     model = timm.create_model(cfg.name, pretrained=False, num_classes=0, dynamic_img_size=True,
