@@ -40,12 +40,19 @@ class StageJob(submitit.helpers.Checkpointable):
 
 
 def _export_distributed_env() -> None:
-    """Torch's distributed variables from submitit's view of the job (SLURM or local multi-task)."""
+    """Torch's distributed variables for a multi-task job of submitit's local executor.
+
+    Under SLURM nothing is exported: each task is an srun task and pixelgen.engine.dist reads SLURM's own
+    variables. The local executor's tasks have no such variables, so they get torch's from submitit."""
     if "RANK" in os.environ:
         return
     try:
         env = submitit.JobEnvironment()
     except RuntimeError:  # not inside a submitit job (the debug executor runs in this process)
+        return
+    # Asked of submitit (SUBMITIT_EXECUTOR) rather than of SLURM_JOB_ID: a local job started from inside a
+    # SLURM allocation (salloc, an interactive srun shell) inherits SLURM's variables but still needs these.
+    if env.cluster == "slurm":
         return
     if env.num_tasks > 1:
         # DeepSpeed selects the device from LOCAL_RANK itself; narrowing CUDA_VISIBLE_DEVICES would break it.

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 import pixelgen
 from pipeline.config import ConfigError, STAGES, config_hash, from_container, to_container, to_yaml
+from pixelgen.engine.dist import launcher_env
 from pixelgen.io import atomic_write_json, atomic_write_text, read_json
 
 MARKER = "DONE.json"
@@ -115,7 +116,7 @@ def stage_lock(run_dir: str | Path, stage: str, task: int | None = None):
     (a double submission, a local job left running) fails fast instead of writing into the same files.
     The kernel drops the lock when the holder dies, so a killed run leaves no stale lock. Rank 0 only:
     the other ranks of a multi-task job belong to the holder."""
-    if os.environ.get("RANK", "0") != "0":
+    if launcher_env(os.environ)["RANK"] != "0":  # torchrun's RANK or an srun task's SLURM_PROCID
         yield
         return
     # Each task of a job array (the shard stage's) holds its own lock: they are meant to run together.

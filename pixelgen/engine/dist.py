@@ -1,16 +1,29 @@
-"""Distributed set-up from torch's standard environment variables.
+"""Distributed set-up from whichever launcher started the process.
 
-Whoever launches the process (the pipeline's SLURM/submitit layer, torchrun, or nobody) is responsible for
-RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a bare process is a world of one.
+Understood launchers, in order of precedence (`launcher_env`):
+
+* torchrun, or any launcher that sets torch's `RANK` and `WORLD_SIZE` (the pipeline's submitit layer does so
+  for its local multi-task executor): its RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are
+  used as they are; a multi-rank launcher must set MASTER_PORT for every rank.
+* a SLURM `srun` task (`SLURM_STEP_NUM_TASKS` is set): rank, world size and local rank come from
+  SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, the rendezvous host is the first node of the step's
+  node list, and the port is MASTER_PORT if set, else derived from SLURM_JOB_ID so that every task agrees.
+* anything else, including the batch script's own shell on a SLURM node: a world of one.
+
+CUDA_VISIBLE_DEVICES is never touched: DeepSpeed picks each rank's device from LOCAL_RANK.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -31,24 +44,104 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist ("gpu[03-05,09],cpu1" -> "gpu03"); zero padding is kept."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty SLURM node list (SLURM_JOB_NODELIST): cannot choose the rendezvous host")
+    # The first entry runs up to the first comma outside brackets: text and bracket groups, e.g. "n[01-02]-ib".
+    entry = re.match(r"(?:[^\[\],]+|\[[^\[\]]*\])+", nodelist)
+    rest = nodelist[entry.end():] if entry else nodelist
+    if entry is None or (rest and not rest.startswith(",")):
+        raise ValueError(f"malformed SLURM node list {nodelist!r}")
+
+    def first_value(group: re.Match) -> str:  # "[03-05,09]" -> "03", "[1-9:2]" -> "1"
+        value = re.match(r"\d+", group.group(1))
+        if value is None:
+            raise ValueError(f"malformed SLURM node list {nodelist!r}")
+        return value.group()
+
+    return re.sub(r"\[([^\[\]]*)\]", first_value, entry.group())
+
+
+def _require(environ: Mapping[str, str], name: str, why: str) -> str:
+    value = environ.get(name, "")
+    if value == "":
+        raise RuntimeError(f"{name} is not set but {why}")
+    return value
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Torch's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for this process, from the launcher's
+    variables in `environ` (not modified), plus LAUNCHER: "torchrun", "slurm" or "single"."""
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        if "RANK" not in environ or "WORLD_SIZE" not in environ:
+            have, missing = ("RANK", "WORLD_SIZE") if "RANK" in environ else ("WORLD_SIZE", "RANK")
+            raise RuntimeError(f"{have} is set but {missing} is not: the launcher must set both for every rank")
+        world = environ["WORLD_SIZE"]
+        port = environ.get("MASTER_PORT", "")
+        if not port:
+            if world != "1":
+                raise RuntimeError(f"MASTER_PORT is not set but WORLD_SIZE={world}: the launcher must set "
+                                   "MASTER_PORT for all ranks")
+            port = str(_free_port())
+        return dict(RANK=environ["RANK"], WORLD_SIZE=world, LOCAL_RANK=environ.get("LOCAL_RANK", "0"),
+                    MASTER_ADDR=environ.get("MASTER_ADDR") or "127.0.0.1", MASTER_PORT=port, LAUNCHER="torchrun")
+
+    # srun sets SLURM_STEP_NUM_TASKS in every task it starts. The batch script's own shell also runs on a
+    # compute node with SLURM_JOB_ID / SLURM_NTASKS set, but it is one process, not a task of a step: if it
+    # were treated as a rank of SLURM_NTASKS it would wait forever for peers that were never started.
+    if "SLURM_STEP_NUM_TASKS" in environ:
+        why = "SLURM_STEP_NUM_TASKS is (this looks like an srun task)"
+        world = _require(environ, "SLURM_STEP_NUM_TASKS", why)
+        rank = _require(environ, "SLURM_PROCID", why)
+        local = _require(environ, "SLURM_LOCALID", why)
+        try:
+            ok = 0 <= int(rank) < int(world) and int(local) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"inconsistent SLURM task: SLURM_PROCID={rank!r}, SLURM_LOCALID={local!r}, "
+                               f"SLURM_STEP_NUM_TASKS={world!r}")
+        if world == "1":
+            # Nobody to meet: a local rendezvous avoids depending on the node's name resolving.
+            addr, port = "127.0.0.1", environ.get("MASTER_PORT") or str(_free_port())
+        else:
+            nodelist = next((environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                             if environ.get(k)), None)
+            if nodelist is None:
+                raise RuntimeError(f"SLURM_JOB_NODELIST (or SLURM_STEP_NODELIST) is not set but {why}")
+            addr = first_host(nodelist)
+            port = environ.get("MASTER_PORT", "")
+            if not port:
+                # Every task computes the same port without talking to the others. SLURM_JOB_ID is distinct
+                # for each task of a job array too. (Two multi-task steps of one job running at once on the
+                # same first node would collide: set MASTER_PORT for them.)
+                job_id = _require(environ, "SLURM_JOB_ID", f"{why} and MASTER_PORT is not set")
+                if not job_id.isdigit():
+                    raise RuntimeError(f"SLURM_JOB_ID={job_id!r} is not a number: set MASTER_PORT instead")
+                port = str(15000 + int(job_id) % 20000)
+        return dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=local, MASTER_ADDR=addr, MASTER_PORT=port,
+                    LAUNCHER="slurm")
+
+    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                LAUNCHER="single")
+
+
 def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (gloo on the CPU, nccl on GPUs); idempotent."""
+    """Initialise torch.distributed through DeepSpeed (gloo on the CPU, nccl on GPUs) from the launcher's
+    environment (see `launcher_env`), exporting torch's variables into os.environ; idempotent."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT is not set but WORLD_SIZE > 1: the launcher must set it for all ranks")
-        os.environ["MASTER_PORT"] = str(_free_port())
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
     if not torch.distributed.is_initialized():
+        env = launcher_env(os.environ)
+        for name in TORCH_VARS:  # launcher_env keeps any RANK / WORLD_SIZE already set, so nothing contradicts
+            os.environ[name] = env[name]
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
