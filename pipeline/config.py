@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.diffusion import OBJECTIVES, SAMPLERS
-from pixelgen.engine.config import LoggingConfig, TrainConfig
+from pixelgen.engine.config import PRECISIONS, LoggingConfig, TrainConfig
 from pixelgen.eval.config import FIDConfig
 from pixelgen.models import check_model_config
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
@@ -192,8 +192,16 @@ def validate(cfg, source: str = "config") -> None:
             fail(f"{name}.zero_stage", tc.zero_stage, "must be 0, 1, 2 or 3")
         if tc.lr_schedule not in ("constant", "cosine"):
             fail(f"{name}.lr_schedule", tc.lr_schedule, "must be 'constant' or 'cosine'")
-        if not 0.0 <= tc.ema_decay < 1.0:
-            fail(f"{name}.ema_decay", tc.ema_decay, "must be in [0, 1)")
+        decays = list(tc.ema_decays)
+        if not decays or not all(0.0 <= d < 1.0 for d in decays) or len(set(decays)) != len(decays):
+            fail(f"{name}.ema_decays", decays, "must be a non-empty list of distinct decays in [0, 1)")
+        if tc.precision not in PRECISIONS:
+            fail(f"{name}.precision", tc.precision, f"must be one of {', '.join(PRECISIONS)}")
+        if tc.max_nonfinite_steps < 1:
+            fail(f"{name}.max_nonfinite_steps", tc.max_nonfinite_steps, "must be at least 1")
+        if tc.trunk_lr is not None and (name != "train_decoder" or tc.freeze_trunk):
+            fail(f"{name}.trunk_lr", tc.trunk_lr, "only the decoder stage with freeze_trunk=false trains the "
+                 "trunk at its own learning rate: remove the key or set train_decoder.freeze_trunk=false")
         if tc.ckpt_every <= 0 or tc.keep_ckpts < 1:
             fail(f"{name}.ckpt_every", tc.ckpt_every, "ckpt_every must be positive and keep_ckpts >= 1")
     if cfg.train_decoder.init_from and not Path(cfg.train_decoder.init_from).is_file():

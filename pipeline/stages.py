@@ -88,7 +88,7 @@ def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
     return fn
 
 
-def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk: bool) -> dict:
+def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk: bool, lr_of=None) -> dict:
     """`align_trunk`: the trunk trains here, so REPA and the DINO student's alignment loss apply."""
     tc = cfg[stage]
     objective = _objective(cfg)
@@ -107,7 +107,7 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
 
     task = TrainTask(make_model=make_model, trainable=trainable,
                      loss_fn=lambda m, x, y: objective.loss(m, x, y, alignment=alignment),
-                     sample_fn=_sample_fn(cfg), data_fn=data_fn)
+                     sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=lr_of)
     plain = to_container(cfg)
     result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,
                           run_name=f"{cfg.name}/{stage}", group=cfg.name, run_config=plain,
@@ -117,6 +117,7 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
     samples = sorted((rundir.stage_dir(run_dir, stage) / "samples").glob("*.png"))
     return {"steps": result.step, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 1),
             "params_trainable": result.params_trainable, "params_total": result.params_total,
+            "skipped_steps": result.skipped_steps,
             "export": str(result.export_dir),
             "sample_grid": str(samples[-1]) if samples else None,
             "curves": str(rundir.stage_dir(run_dir, stage) / "curves.png")}
@@ -148,8 +149,10 @@ def stage_train_decoder(cfg, run_dir: Path) -> dict:
     load_weights(init)  # fail before DeepSpeed starts when the trunk's export is missing
     # A frozen trunk also freezes the REPA projector that serves it.
     trainable = (lambda name: name.startswith("decoder.")) if tc.freeze_trunk else (lambda name: True)
+    trunk_lr = tc.trunk_lr if tc.trunk_lr is not None else tc.lr
     summary = _train(cfg, run_dir, "train_decoder", lambda: _load_generator(cfg, init), trainable,
-                     align_trunk=not tc.freeze_trunk)
+                     align_trunk=not tc.freeze_trunk,
+                     lr_of=lambda name: tc.lr if name.startswith("decoder.") else trunk_lr)
     return {**summary, "init_from": str(init), "trunk_frozen": tc.freeze_trunk}
 
 

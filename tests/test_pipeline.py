@@ -61,7 +61,7 @@ def test_chain_end_to_end(chain, fake_imagenet):
     assert "proxy" in out and str(run_dir) in out and "sample grid" in out
     for stage in ("shard", "train_trunk", "train_decoder", "fid"):
         assert stage in out
-    assert "step 6  loss" in out  # the jobs' log lines were streamed while they ran
+    assert "step 6/6  loss" in out  # the jobs' log lines were streamed while they ran
 
 
 def test_rerun_skips_finished_stages(chain, fake_imagenet):

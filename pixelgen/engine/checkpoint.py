@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from pixelgen.engine import faults
 from pixelgen.engine.dist import barrier
 from pixelgen.io import atomic_write_text
 
@@ -26,10 +27,11 @@ def tag_for(step: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int, is_main: bool):
+    def __init__(self, directory: str | Path, keep: int, is_main: bool, world_size: int = 1):
         self.dir = Path(directory)
         self.keep = keep
         self.is_main = is_main
+        self.world_size = world_size
 
     def _tags(self) -> list[tuple[int, str, bool]]:
         if not self.dir.is_dir():
@@ -48,9 +50,11 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict) -> str:
         tag = tag_for(step)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        faults.point("checkpoint", step)
         barrier()  # every rank's shard is on disk before the tag is declared complete
         if self.is_main:
-            atomic_write_text(self.dir / tag / MARKER, json.dumps({"step": step, "tag": tag}))
+            atomic_write_text(self.dir / tag / MARKER,
+                              json.dumps({"step": step, "tag": tag, "world_size": self.world_size}))
             self._prune()
         barrier()
         return tag
@@ -60,6 +64,15 @@ class CheckpointManager:
         if latest is None:
             return None
         step, tag = latest
+        saved_world = json.loads((self.dir / tag / MARKER).read_text()).get("world_size", self.world_size)
+        if saved_world != self.world_size:
+            # ZeRO shards, each rank's data position and RNG stream are per rank: loading them into another
+            # number of ranks would resume silently wrong.
+            raise RuntimeError(
+                f"checkpoint {self.dir / tag} was written by {saved_world} ranks but this run has "
+                f"{self.world_size}: relaunch with {saved_world} ranks (the stage's launch tasks) to resume it. "
+                f"A stage cannot change its rank count midway; to run it on {self.world_size} ranks, move "
+                f"{self.dir} aside and rerun, and the stage starts over")
         path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
             raise RuntimeError(f"checkpoint {self.dir / tag} is marked complete but DeepSpeed could not load it")

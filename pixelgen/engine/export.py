@@ -1,4 +1,9 @@
-"""Consolidated weights as safetensors that load without DeepSpeed: the live weights and the EMA weights."""
+"""Consolidated fp32 weights as safetensors that load without DeepSpeed: the trained weights and each EMA.
+
+The trained weights are DeepSpeed's fp32 master copies (under bf16 the module's own parameters are rounded
+to bf16), so under ZeRO-3 the export equals what DeepSpeed's `zero_to_fp32` reconstructs from a checkpoint.
+Frozen parameters have no master copy: their fp32 values are kept from before DeepSpeed cast the module.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,62 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pixelgen.engine import faults
 from pixelgen.engine.dist import barrier
 from pixelgen.io import atomic_write
 
-
-def _full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    params = list(module.parameters())
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: gather the partitions first
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+PRIMARY_EMA = "ema.safetensors"
 
 
-def export_weights(engine, ema, out_dir: Path, is_main: bool, meta: dict) -> Path:
-    state = _full_state_dict(engine.module)
+def ema_filename(index: int, decay: float) -> str:
+    """The first EMA is `ema.safetensors` (what sampling and the later stages read); others name their decay."""
+    return PRIMARY_EMA if index == 0 else f"ema-{decay:g}.safetensors"
+
+
+def _fp32_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master copy of a trainable parameter. Collective under ZeRO: every rank calls it in order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)  # ZeRO 1-3 and DeepSpeed's bf16 optimizer
+    if master is None:
+        # ZeRO 0 with bf16 keeps its fp32 copies in groups parallel to the module's parameters.
+        opt = engine.optimizer
+        for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+            for p, q in zip(low, high):
+                if p is param:
+                    return q.detach()
+        master = param.detach()  # fp32 training without ZeRO: the parameter is the master
+    return master
+
+
+def consolidated_state(engine, frozen_fp32: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the engine's module, on every rank (collective under ZeRO)."""
+    module = engine.module
+    keys = set(module.state_dict().keys())
+    state = {}
+    for name, p in module.named_parameters():
+        if name in frozen_fp32:
+            state[name] = frozen_fp32[name]
+        else:
+            state[name] = _fp32_master(engine, p).float().cpu().clone().reshape(getattr(p, "ds_shape", p.shape))
+    for name, b in module.named_buffers():
+        if name in keys:  # persistent buffers only, as in state_dict
+            state[name] = b.detach().float().cpu().clone()
+    return state
+
+
+def export_weights(engine, ema, frozen_fp32: dict[str, torch.Tensor], out_dir: Path, is_main: bool,
+                   meta: dict) -> Path:
+    state = consolidated_state(engine, frozen_fp32)
     if is_main:
-        ema_state = dict(state)
-        ema_state.update({n: t.float().cpu() for n, t in ema.state_dict().items()})
         metadata = {"pixelgen": json.dumps(meta, default=str)}
-        for name, sd in (("model", state), ("ema", ema_state)):
-            atomic_write(out_dir / f"{name}.safetensors",
+        files = {"model.safetensors": state}
+        for i, decay in enumerate(ema.decays):
+            files[ema_filename(i, decay)] = {**state, **{n: t.float().cpu() for n, t in ema.averaged(i).items()}}
+        for name, sd in files.items():
+            atomic_write(out_dir / name,
                          lambda tmp, sd=sd: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata))
+            faults.point("export")
     barrier()
     return out_dir
 

@@ -1,31 +1,35 @@
 """The one training loop, on a DeepSpeed engine, shared by every stage and model family.
 
 A stage hands over a `TrainTask` (model, which parameters train, the loss, how to sample a grid, how to make
-the data stream); the loop owns precision, ZeRO, the LR schedule, EMA, checkpoints, resume, preemption and
-logging.
+the data stream); the loop owns precision, ZeRO, the LR schedule, EMA, checkpoints, resume, preemption,
+non-finite steps and logging. The per-step path never waits for the host: losses, skip counters and the
+preemption flag are read once per log line.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import resource
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from pixelgen.data.loader import to_float
-from pixelgen.engine.checkpoint import CheckpointManager
+from pixelgen.engine import faults, flops
+from pixelgen.engine.checkpoint import CheckpointManager, tag_for
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.engine.dist import DistInfo, init_distributed
 from pixelgen.engine.ema import EMA
 from pixelgen.engine.export import export_weights
 from pixelgen.engine.logger import MetricsLogger, console
+from pixelgen.engine.optim import SkippingAdamW, param_groups
 from pixelgen.viz import plot_metrics, save_grid
 
 
@@ -39,6 +43,8 @@ class TrainTask:
     sample_fn: Callable[[nn.Module], torch.Tensor]
     # (micro_batch, rank, world_size, start_batch) -> iterator of (uint8 images, labels)
     data_fn: Callable[[int, int, int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    # parameter name -> its base learning rate (None: the config's lr for all)
+    lr_of: Optional[Callable[[str], float]] = None
 
 
 @dataclass
@@ -50,6 +56,11 @@ class TrainResult:
     export_dir: Path | None
     params_trainable: int
     params_total: int
+    skipped_steps: int
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -62,7 +73,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     micro = cfg.batch_size // (cfg.grad_accum * world_size)
     return {
         "train_batch_size": cfg.batch_size,
@@ -70,7 +85,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": on_gpu},
+        # fp32 master weights in the optimizer, bf16 in the module. DeepSpeed's own overflow check reads the
+        # gradient norm on the host every step; SkippingAdamW makes the same decision on the device.
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -107,6 +124,42 @@ class _PreemptionFlag:
             signal.signal(sig, handler)
 
 
+class _NonFinite:
+    """Device-side counters of skipped steps: the total, the current streak, and the step at which a streak
+    first reached the limit (-1: never). Read on the host only at log lines."""
+
+    def __init__(self, device: torch.device, limit: int, total: int = 0):
+        self.limit = limit
+        self.total = torch.tensor(float(total), device=device)
+        self.streak = torch.zeros((), device=device)
+        self.tripped_at = torch.full((), -1.0, device=device)
+
+    def record(self, skipped: torch.Tensor, step: int) -> None:
+        self.total += skipped
+        self.streak = (self.streak + 1) * skipped
+        hit = (self.streak >= self.limit) & (self.tripped_at < 0)
+        self.tripped_at = torch.where(hit, torch.full_like(self.tripped_at, step), self.tripped_at)
+
+
+class _Meter:
+    """What one log line reports, gathered between lines: device-side loss sums, data wait, step count."""
+
+    def __init__(self):
+        self.flops_per_image: float | None = None  # counted in the first step of a fresh run
+        self.last_loss: float | None = None
+        self.lr = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n, self.steps, self.data_wait, self.since = 0, 0, 0.0, time.time()
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums[name] + value.float() if name in self.sums else value.float()
+        self.n += 1
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -128,6 +181,15 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _peak_memory_gib(device: torch.device) -> float:
+    """Peak since the last call on a GPU (allocated by torch); the process's peak resident size on a CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+
+
 def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: LoggingConfig, run_name: str,
                  group: str, run_config: dict, export_meta: dict) -> TrainResult:
     import deepspeed
@@ -135,106 +197,176 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
     t_start = time.time()
     out_dir = Path(out_dir)
     dist = init_distributed()
+    bf16 = use_bf16(cfg.precision, dist.device)
     _seed_all(cfg.seed)  # the same initial weights on every rank
     model = task.make_model().to(dist.device)
     _seed_all(cfg.seed * 1000 + dist.rank)  # then a different noise stream per rank
-    on_gpu = dist.device.type == "cuda"
     # A parameter trains when the stage wants it and the model has not frozen it itself (LoRA's base weights).
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and task.trainable(n)]
     for n, p in model.named_parameters():
         p.requires_grad_(p.requires_grad and task.trainable(n))
-    optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=cfg.lr, betas=tuple(cfg.betas),
-                                  weight_decay=cfg.weight_decay, fused=on_gpu or None)
+    # Frozen weights get no fp32 master copy; keep their fp32 values for the export before a bf16 cast.
+    frozen_fp32 = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lr_of = task.lr_of or (lambda name: cfg.lr)
+    optimizer = SkippingAdamW(param_groups(named_trainable, lr_of), betas=tuple(cfg.betas),
+                              weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dist.world_size, on_gpu))
-    ema = EMA(named_trainable, cfg.ema_decay)
-    ckpts = CheckpointManager(out_dir / "checkpoints", cfg.keep_ckpts, dist.is_main)
+                                           config=deepspeed_config(cfg, dist.world_size, bf16))
+    ema = EMA(named_trainable, cfg.ema_decays)
+    ckpts = CheckpointManager(out_dir / "checkpoints", cfg.keep_ckpts, dist.is_main, dist.world_size)
+    micro = cfg.batch_size // (cfg.grad_accum * dist.world_size)
 
-    step = 0
+    step, client = 0, {}
     resumed = ckpts.load(engine)
     if resumed is not None:
         step, client = resumed
-        ema.load_state_dict(client["ema"])
+        source = f"checkpoint {ckpts.dir / tag_for(step)}"
+        if client["data"]["micro_batch"] != micro:
+            raise RuntimeError(f"{source} was trained with micro-batches of {client['data']['micro_batch']} "
+                               f"images per rank, this run has {micro} (batch_size / (grad_accum x ranks)): set "
+                               f"batch_size and grad_accum back to resume, or move the checkpoints aside")
+        ema.load_state_dict(client["ema"], source)
         _set_rng_state(client["rng"][dist.rank])
         if dist.is_main:
             console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}")
     log = MetricsLogger(out_dir, logging, enabled=dist.is_main, run_name=run_name, group=group,
-                        config=run_config, resume_step=step)
+                        config=run_config, resume_step=step, run_id=client.get("wandb_id"))
+    nonfinite = _NonFinite(dist.device, cfg.max_nonfinite_steps, client.get("skipped_steps", 0))
 
-    micro = cfg.batch_size // (cfg.grad_accum * dist.world_size)
-    data = task.data_fn(micro, dist.rank, dist.world_size, step * cfg.grad_accum)
+    data = task.data_fn(micro, dist.rank, dist.world_size, client["data"]["start_batch"] if client else 0)
     flag = _PreemptionFlag()
+
+    def autocast():
+        return torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def save(at_step: int) -> None:
         # RNG states differ per rank; every rank's is gathered so each resumes its own stream.
         rng = [None] * dist.world_size
         torch.distributed.all_gather_object(rng, _rng_state())
-        ckpts.save(engine, at_step, {"step": at_step, "ema": ema.state_dict(), "rng": rng})
+        skipped = int(nonfinite.total.item())
+        ckpts.save(engine, at_step, {
+            "step": at_step, "ema": ema.state_dict(), "rng": rng, "wandb_id": log.run_id,
+            "data": {"start_batch": at_step * cfg.grad_accum, "micro_batch": micro, "world_size": dist.world_size},
+            "skipped_steps": skipped, "flops_per_image": meter.flops_per_image})
 
     def sample_grid(at_step: int) -> None:
-        with ema.swapped_in():
+        with ema.swapped_in(), autocast():
             images = task.sample_fn(engine.module)
         if dist.is_main:
             path = save_grid(images, out_dir / "samples" / f"step{at_step:08d}.png")
             log.log_image(at_step, "samples", path)
 
-    # Summed on the device between log lines (no host sync per step): the loss and its named parts.
-    sums: dict[str, torch.Tensor] = {}
-    n_loss, data_wait, t_interval, last_loss = 0, 0.0, time.time(), None
-    preempted = False
-    engine.train()
-    while step < cfg.steps:
+    peak = flops.peak_tflops(dist.device, cfg.peak_tflops)
+    meter = _Meter()
+    # FLOPs are counted in the first step of a fresh run and kept in the checkpoints: counting adds autograd
+    # nodes that change the order gradients are summed in, so a resumed run must not count again.
+    meter.flops_per_image = client.get("flops_per_image")
+    if cfg.compile and meter.flops_per_image is not None:
+        engine.compile()
+
+    def train_step() -> None:
+        """One optimizer step over grad_accum micro-batches; nothing in it waits for the host."""
+        loss_bad = torch.zeros((), dtype=torch.bool, device=dist.device)
+        # The rate this step applies (the scheduler moves it after the step), of the group trained at `lr`.
+        meter.lr = next((g["lr"] for g in optimizer.param_groups if g["initial_lr"] == cfg.lr),
+                        optimizer.param_groups[0]["lr"])
         for _ in range(cfg.grad_accum):
             t0 = time.time()
             images, labels = next(data)
-            data_wait += time.time() - t0
+            meter.data_wait += time.time() - t0
             x = to_float(images.to(dist.device, non_blocking=True))
-            loss, parts = task.loss_fn(engine, x, labels.to(dist.device, non_blocking=True))
-            engine.backward(loss)
+            with flops.maybe_count(meter.flops_per_image is None) as counter:
+                with autocast():
+                    loss, parts = task.loss_fn(engine, x, labels.to(dist.device, non_blocking=True))
+                loss_bad |= ~torch.isfinite(loss.detach())
+                optimizer.loss_nonfinite = loss_bad  # read by the optimizer at the accumulation boundary
+                engine.backward(loss)
+            if counter is not None:
+                meter.flops_per_image = counter.get_total_flops() / micro
+                if cfg.compile:  # compiled after the count: FlopCounterMode would see through the graph
+                    engine.compile()
+            optimizer.skipped = None
             engine.step()
-            for name, value in {**parts, "loss": loss.detach()}.items():
-                sums[name] = sums[name] + value.float() if name in sums else value.float()
-            n_loss += 1
-        step += 1
-        ema.update()
+            meter.add({**parts, "loss": loss.detach()})
+        # None: DeepSpeed found a non-finite gradient norm itself (its fp32 and fp16 paths check on the host)
+        # and skipped the step without calling the optimizer.
+        skipped = optimizer.skipped if optimizer.skipped is not None else torch.ones((), device=dist.device)
+        nonfinite.record(skipped, step + 1)
+        ema.update(1.0 - skipped)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.time() - t_interval
-            means = dict(zip(sums, (torch.stack(list(sums.values())) / n_loss).tolist()))  # one host sync
-            last_loss = means["loss"]
-            grad_norm = engine.get_global_grad_norm()
-            log.log(step, {
-                **means,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "img_per_s": n_loss * micro * dist.world_size / elapsed,
-                "data_wait": data_wait / elapsed,
-            })
-            sums.clear()
-            n_loss, data_wait, t_interval = 0, 0.0, time.time()
-        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-            sample_grid(step)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save(step)
-        # A signal during the last step changes nothing: the run is complete and goes on to its export.
-        if step < cfg.steps and flag.agreed(dist, step):
-            if step % cfg.ckpt_every:
+    def log_interval(at_step: int) -> None:
+        elapsed = time.time() - meter.since
+        # One all-reduce and one host sync per log line: the losses are means over every rank's images (the
+        # skip counters are the same on every rank already).
+        values = torch.stack([*(s / meter.n for s in meter.sums.values()), nonfinite.total, nonfinite.tripped_at])
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+            values /= dist.world_size
+        *means, skipped_total, tripped_at = values.tolist()
+        if tripped_at >= 0:
+            last = ckpts.latest_complete()
+            raise NonFiniteError(
+                f"{cfg.max_nonfinite_steps} optimizer steps in a row had a non-finite loss or gradient norm (the "
+                f"streak reached the limit at step {int(tripped_at)}; {int(skipped_total)} skipped in all); the "
+                f"last good checkpoint is {ckpts.dir / last[1] if last else 'none (no checkpoint yet)'}. Lower the "
+                f"learning rate or raise max_nonfinite_steps, then rerun to resume from it")
+        grad_norm = engine.get_global_grad_norm()
+        img_per_s = meter.n * micro * dist.world_size / elapsed
+        metrics = {
+            **dict(zip(meter.sums, means)),
+            "lr": meter.lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "img_per_s": img_per_s,
+            "step_time_s": elapsed / meter.steps,
+            "data_wait": meter.data_wait / elapsed,
+            "peak_mem_gib": _peak_memory_gib(dist.device),
+            "skipped_steps": int(skipped_total),
+        }
+        if peak and meter.flops_per_image:
+            metrics["mfu"] = meter.flops_per_image * img_per_s / (peak * 1e12 * dist.world_size)
+        log.log(at_step, metrics, total_steps=cfg.steps)
+        meter.last_loss = metrics["loss"]
+        meter.reset()
+
+    preempted = False
+    try:
+        engine.train()
+        while step < cfg.steps:
+            train_step()
+            step += 1
+            meter.steps += 1
+            faults.point("step", step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log_interval(step)
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+                sample_grid(step)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save(step)
-            preempted = True
-            break
-    flag.restore()
+            # A signal during the last step changes nothing: the run is complete and goes on to its export.
+            if step < cfg.steps and flag.agreed(dist, step):
+                if step % cfg.ckpt_every:
+                    save(step)
+                preempted = True
+                break
+    except BaseException:
+        log.close()
+        raise
+    finally:
+        flag.restore()
 
     export_dir = None
     if not preempted:
         sample_grid(step)
-        export_dir = export_weights(engine, ema, out_dir / "export", dist.is_main, meta=export_meta)
+        export_dir = export_weights(engine, ema, frozen_fp32, out_dir / "export", dist.is_main, meta=export_meta)
     log.close()
     if dist.is_main and log.path.exists():
         plot_metrics(log.path, out_dir / "curves.png")
+
     def numel(p):  # ZeRO-3 leaves an empty local tensor and keeps the full size in ds_numel
         return getattr(p, "ds_numel", p.numel())
 
-    return TrainResult(step=step, preempted=preempted, seconds=time.time() - t_start, final_loss=last_loss,
+    return TrainResult(step=step, preempted=preempted, seconds=time.time() - t_start, final_loss=meter.last_loss,
                        export_dir=export_dir, params_trainable=sum(numel(p) for _, p in named_trainable),
-                       params_total=sum(numel(p) for p in model.parameters()))
+                       params_total=sum(numel(p) for p in model.parameters()),
+                       skipped_steps=int(nonfinite.total.item()))
