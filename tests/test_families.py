@@ -30,7 +30,10 @@ def tiny_shards(tmp_path_factory, fake_imagenet) -> Path:
 
 def test_repa_family_trains_in_the_stages(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
+    # bf16 and ZeRO-3 as on a GPU (slow on the CPU, but the same DeepSpeed and autocast path): the generator's
+    # fp32 inputs, buffers and teacher meet bf16 weights here.
     proc = pixelgen("run", str(CONFIGS / "tiny_repa.yaml"), f"run_dir={run_dir}", f"data.shard_dir={tiny_shards}",
+                    "train_trunk.precision=bf16", "train_trunk.zero_stage=3", "train_decoder.precision=bf16",
                     "--executor", "local")
     for stage in ("train_trunk", "train_decoder", "fid"):
         assert (run_dir / stage / "DONE.json").is_file(), proc.stdout

@@ -1,0 +1,294 @@
+"""The training engine on a real DeepSpeed engine (gloo), with one and two ranks as real processes.
+
+The model is a small stand-in (tests/engine_worker.py) so that many full runs fit in the test budget; the
+stages' own tests run the real generators through the same engine.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixelgen.engine.config import TrainConfig
+from pixelgen.engine.train import lr_at
+from tests.conftest import ROOT
+
+BASE = {"steps": 10, "batch_size": 8, "grad_accum": 2, "lr": 0.01, "zero_stage": 2, "ckpt_every": 3,
+        "log_every": 1, "keep_ckpts": 2, "ema_decays": [0.9, 0.5], "warmup_steps": 3, "lr_schedule": "cosine"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """`world` ranks of tests/engine_worker.py started together, as torchrun would."""
+
+    def __init__(self, out: Path, spec: dict, world: int = 1, env: dict | None = None):
+        port = str(_free_port())
+        self.procs = []
+        for rank in range(world):
+            e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PIXELGEN_FAULT"))}
+            e.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}))
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(spec)],
+                                               cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True))
+
+    def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
+        """Return codes and outputs. When one rank dies, the others are killed after a grace period, as a
+        launcher (srun, torchrun) would do."""
+        deadline = time.time() + timeout
+        while any(p.poll() is None for p in self.procs):
+            dead = [p for p in self.procs if p.poll() not in (None, 0)]
+            if dead or time.time() > deadline:
+                grace = time.time() + 20
+                while any(p.poll() is None for p in self.procs) and time.time() < grace:
+                    time.sleep(0.1)
+                for p in self.procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
+            time.sleep(0.1)
+        return [(p.wait(), p.stdout.read()) for p in self.procs]
+
+
+def run(out: Path, world: int = 1, fault: str | None = None, **overrides) -> list[tuple[int, str]]:
+    env = {"PIXELGEN_FAULT": fault} if fault else None
+    return Job(out, {**BASE, **overrides}, world, env).wait()
+
+
+def ok(results):
+    for code, out in results:
+        assert code == 0, out[-4000:]
+    return results
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(p) for p in sorted((out / "export").glob("*.safetensors"))}
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = True, rtol: float = 0.0, atol: float = 0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for k in a[name]:
+            if exact:
+                assert torch.equal(a[name][k], b[name][k]), f"{name}:{k} differs"
+            else:
+                torch.testing.assert_close(a[name][k], b[name][k], rtol=rtol, atol=atol, msg=f"{name}:{k}")
+
+
+# ------------------------------------------------------------------------------------------- exact resume
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per rank count."""
+    refs = {}
+    for world in (1, 2):
+        out = tmp_path_factory.mktemp(f"ref{world}")
+        ok(run(out, world))
+        refs[world] = out
+    return refs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("fault", ["step@5", "checkpoint@6", "export"])
+def test_killed_anywhere_resumes_bit_identical(reference, tmp_path, world, fault):
+    first = run(tmp_path, world, fault=fault)
+    assert any(code == -signal.SIGKILL for code, _ in first), "the fault point was not reached"
+    assert not (tmp_path / "export" / "ema-0.5.safetensors").exists()
+    if fault == "checkpoint@6":
+        # Killed mid-write: the tag's files are there but it never became complete.
+        assert (tmp_path / "checkpoints" / "step00000006").is_dir()
+        assert not (tmp_path / "checkpoints" / "step00000006" / "COMPLETE.json").exists()
+    run_id = (tmp_path / "wandb_id.txt").read_text()
+    (tmp_path / "wandb_id.txt").unlink()  # the checkpoint carries the logging run id too
+
+    second = ok(run(tmp_path, world))
+    resumed_from = {"step@5": 3, "checkpoint@6": 3, "export": 10}[fault]
+    assert f"from checkpoint step {resumed_from}" in second[0][1]
+    ref = reference[world]
+    assert_same_weights(exported(tmp_path), exported(ref))
+    assert stable(metrics(tmp_path)) == stable(metrics(ref))  # the loss history, bit for bit
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 11))
+    assert (tmp_path / "wandb_id.txt").read_text() == run_id
+    client = torch.load(tmp_path / "checkpoints" / "step00000010" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["wandb_id"] == run_id and client["step"] == 10
+    assert client["data"] == {"start_batch": 20, "micro_batch": 4 // world, "world_size": world}
+
+
+TIMING = ("img_per_s", "step_time_s", "data_wait", "peak_mem_gib")
+
+
+def stable(records: list[dict]) -> list[dict]:
+    """What a rerun must reproduce exactly: everything but the clock and the memory meter."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine(reference):
+    cfg = TrainConfig(steps=10, warmup_steps=3, lr_schedule="cosine")
+    assert [lr_at(s, cfg) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert lr_at(3, cfg) == 1.0 and lr_at(10, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(3 + 7 / 2, cfg) == pytest.approx(0.5)
+    assert lr_at(5, TrainConfig(steps=10, lr_schedule="constant")) == 1.0
+    # What the optimizer applied at each step, as logged: the schedule at the step's start.
+    logged = [m["lr"] for m in metrics(reference[1])]
+    assert logged == pytest.approx([0.01 * lr_at(s - 1, TrainConfig(**{**BASE, "ema_decays": [0.9]}))
+                                    for s in range(1, 11)])
+
+
+# ------------------------------------------------------------------------------ ranks, ZeRO stages, export
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero):
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run(one, 1, zero_stage=zero, noise=False))
+    ok(run(two, 2, zero_stage=zero, noise=False))
+    # Gloo sums the two halves of each batch in another order than one rank does: equal up to rounding.
+    assert_same_weights(exported(one), exported(two), exact=False, rtol=1e-4, atol=1e-6)
+    for a, b in zip(metrics(one), metrics(two)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # And a run that differs in one batch does not pass that comparison (the tolerance means something).
+    other = tmp_path / "other"
+    ok(run(other, 1, zero_stage=zero, noise=False, nan_batches=[3]))
+    with pytest.raises(AssertionError):
+        assert_same_weights(exported(one), exported(other), exact=False, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_export_equals_zero_to_fp32_and_keeps_frozen_weights(tmp_path, precision):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from tests.engine_worker import Toy
+
+    ok(run(tmp_path, 2, zero_stage=3, precision=precision, train="decoder", steps=4, ckpt_every=4))
+    export = load_file(tmp_path / "export" / "model.safetensors")
+    ds = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoints"), tag="step00000004",
+                                                  exclude_frozen_parameters=True)
+    # The optimizer held the decoder only: the frozen trunk had no master weights and no optimizer state.
+    assert set(ds) == {k for k in export if k.startswith("decoder.")}
+    for k, v in ds.items():
+        assert export[k].dtype == torch.float32 and torch.equal(export[k], v.float()), k
+    if precision == "bf16":  # the masters, not the bf16 weights the module computed with
+        assert any(not torch.equal(export[k], export[k].bfloat16().float()) for k in ds)
+    torch.manual_seed(0)  # the engine's seed for the initial weights
+    initial = Toy().state_dict()
+    for k in export:
+        if not k.startswith("decoder."):
+            assert torch.equal(export[k], initial[k]), f"frozen {k} changed"
+    assert not all(torch.equal(export[k], initial[k]) for k in ds)
+
+
+def test_trunk_at_its_own_learning_rate(tmp_path):
+    from tests.engine_worker import Toy
+
+    ok(run(tmp_path, 1, trunk_lr=0.0, steps=3))
+    export = load_file(tmp_path / "export" / "model.safetensors")
+    torch.manual_seed(0)
+    initial = Toy().state_dict()
+    assert all(torch.equal(export[k], initial[k]) for k in export if k.startswith("trunk."))
+    assert not any(torch.equal(export[k], initial[k]) for k in export if k.startswith("decoder."))
+
+
+def test_changing_the_rank_count_stops_with_a_clear_message(tmp_path):
+    run(tmp_path, 1, fault="step@5")
+    results = run(tmp_path, 2)
+    assert all(code != 0 for code, _ in results)
+    assert "written by 1 ranks but this run has 2" in results[0][1]
+    assert "relaunch with 1 ranks" in results[0][1]
+    assert not (tmp_path / "export").exists()
+
+
+# ----------------------------------------------------------------------------------- preemption and health
+def test_sigusr2_on_one_rank_saves_on_all_and_exits_for_requeue(tmp_path):
+    spec = {**BASE, "steps": 400, "ckpt_every": 1000, "log_every": 1, "warmup_steps": 0}
+    job = Job(tmp_path, spec, world=2)
+    deadline = time.time() + 120
+    while not ((tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 12):
+        assert all(p.poll() is None for p in job.procs) and time.time() < deadline
+        time.sleep(0.05)
+    job.procs[1].send_signal(signal.SIGUSR2)  # SLURM signals every task; the ranks must agree even if not
+    results = job.wait()
+    assert [code for code, _ in results] == [75, 75], results[0][1][-3000:]
+    tags = [p for p in (tmp_path / "checkpoints").glob("step*") if (p / "COMPLETE.json").exists()]
+    assert len(tags) == 1
+    stopped = int(tags[0].name[4:])
+    assert 12 <= stopped < 400 and stopped % 10 == 0  # the ranks agree every 10 steps
+    assert not (tmp_path / "export").exists()
+
+    results = ok(Job(tmp_path, {**spec, "steps": stopped + 5}, world=2).wait())
+    assert f"from checkpoint step {stopped}" in results[0][1]
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, stopped + 6))
+
+
+@pytest.mark.parametrize("poison", ["nan_batches", "nan_grad_batches"])
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, poison):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # Global micro-batch 4 is the first half of step 3 (grad_accum 2): one bad micro-batch spoils the step.
+    ok(run(tmp_path, 2, steps=5, ckpt_every=1, keep_ckpts=10, **{poison: [4]}))
+    log = metrics(tmp_path)
+    assert [m["skipped_steps"] for m in log] == [0, 0, 1, 1, 1]
+    if poison == "nan_batches":
+        assert math.isnan(log[2]["loss"]) and all(math.isfinite(m["loss"]) for i, m in enumerate(log) if i != 2)
+
+    def state(step):
+        ckpts = str(tmp_path / "checkpoints")
+        client = torch.load(tmp_path / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt",
+                            weights_only=False)
+        return get_fp32_state_dict_from_zero_checkpoint(ckpts, tag=f"step{step:08d}"), client["ema"]["shadows"]
+
+    (w2, ema2), (w3, ema3), (w4, ema4) = state(2), state(3), state(4)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped step changed no weight
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ema2, ema3) for k in a)  # nor any EMA
+    assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # and training went on
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "export" / "model.safetensors").values())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path):
+    results = run(tmp_path, 1, steps=20, ckpt_every=2, max_nonfinite_steps=3, nan_batches=list(range(4, 40)))
+    code, out = results[0]
+    assert code != 0
+    assert "3 optimizer steps in a row had a non-finite loss" in out
+    assert "reached the limit at step 5" in out  # steps 3, 4, 5
+    assert "step00000004" in out  # the last good checkpoint
+    assert not (tmp_path / "export").exists()
+
+
+# ------------------------------------------------------------------------------------------- measurement
+def test_flops_are_counted_from_the_step_and_give_mfu(tmp_path):
+    ok(run(tmp_path, 1, steps=3, peak_tflops=1e-6))
+    log = metrics(tmp_path)
+    # The toy's matmuls per image: forward 2*(192*32 + 32*32 + 32*192); backward computes the weight
+    # gradients of all three and the input gradients of the last two (the images need none).
+    forward = 2 * (192 * 32 + 32 * 32 + 32 * 192)
+    per_image = forward + forward + 2 * (32 * 32 + 32 * 192)
+    for m in log:
+        assert m["mfu"] * 1e-6 * 1e12 / m["img_per_s"] == pytest.approx(per_image, rel=1e-9)
+        assert m["step_time_s"] > 0 and 0 <= m["data_wait"] < 1 and m["peak_mem_gib"] > 0.1
+    # Without a known peak (a CPU) there is no MFU rather than a made-up one.
+    other = tmp_path / "cpu"
+    ok(run(other, 1, steps=2))
+    assert all("mfu" not in m for m in metrics(other))
+
+
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    ok(run(eager, 1, steps=4, noise=False))
+    ok(run(compiled, 1, steps=4, noise=False, compile=True))
+    for a, b in zip(metrics(eager), metrics(compiled)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
