@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from pixelgen.engine import flops
 from pixelgen.models import SIZES, build_generator, count_params
 from pixelgen.models.config import DecoderConfig, ModelConfig, TrunkConfig
 from pixelgen.models.memory import GiB, estimate_memory
@@ -70,19 +70,12 @@ class Counts:
     flops: dict[str, int] = field(default_factory=dict)  # trunk, decoder, attention, total (one image, forward)
 
 
-def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 def count(model_cfg: ModelConfig, resolution: int) -> Counts:
-    # The CPU kernel of scaled_dot_product_attention is missing from FlopCounterMode's table (it would count
-    # nothing for attention); it does the same two matmuls as the GPU kernels.
-    flash_cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
     with FakeTensorMode():
         model = build_generator(model_cfg, resolution, pretrained=False)
         x = torch.randn(1, 3, resolution, resolution)
         t, y = torch.rand(1), torch.zeros(1, dtype=torch.long)
-        counter = FlopCounterMode(display=False, custom_mapping=flash_cpu)
+        counter = flops.counter()
         with torch.no_grad(), counter:
             model(x, t, y)
     by_module = counter.get_flop_counts()
