@@ -109,7 +109,24 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("fault", ["step@5", "checkpoint@6", "export"])
 def test_killed_anywhere_resumes_bit_identical(reference, tmp_path, world, fault):
-    first = run(tmp_path, world, fault=fault)
+    _killed_and_resumed(reference[world], tmp_path, world, fault)
+
+
+def test_killed_zero3_run_resumes_bit_identical_with_sharded_emas(tmp_path):
+    ref = tmp_path / "ref"
+    ok(run(ref, 2, zero_stage=3))
+    # Each rank keeps its own shard of every EMA, in its own model-states file.
+    shards = [torch.load(ref / "checkpoints" / "step00000010" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                         weights_only=False)["ema"] for r in (0, 1)]
+    assert all(s["sharded"] for s in shards)
+    full = load_file(ref / "export" / "ema.safetensors")
+    for name, shard in shards[0]["shadows"][0].items():
+        assert shard.numel() == -(-full[name].numel() // 2)  # half of the parameter, rounded up
+    _killed_and_resumed(ref, tmp_path / "run", 2, "checkpoint@6", zero_stage=3)
+
+
+def _killed_and_resumed(ref: Path, tmp_path: Path, world: int, fault: str, **overrides):
+    first = run(tmp_path, world, fault=fault, **overrides)
     assert any(code == -signal.SIGKILL for code, _ in first), "the fault point was not reached"
     assert not (tmp_path / "export" / "ema-0.5.safetensors").exists()
     if fault == "checkpoint@6":
@@ -119,15 +136,15 @@ def test_killed_anywhere_resumes_bit_identical(reference, tmp_path, world, fault
     run_id = (tmp_path / "wandb_id.txt").read_text()
     (tmp_path / "wandb_id.txt").unlink()  # the checkpoint carries the logging run id too
 
-    second = ok(run(tmp_path, world))
+    second = ok(run(tmp_path, world, **overrides))
     resumed_from = {"step@5": 3, "checkpoint@6": 3, "export": 10}[fault]
     assert f"from checkpoint step {resumed_from}" in second[0][1]
-    ref = reference[world]
     assert_same_weights(exported(tmp_path), exported(ref))
     assert stable(metrics(tmp_path)) == stable(metrics(ref))  # the loss history, bit for bit
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 11))
     assert (tmp_path / "wandb_id.txt").read_text() == run_id
-    client = torch.load(tmp_path / "checkpoints" / "step00000010" / "mp_rank_00_model_states.pt", weights_only=False)
+    states = "zero_pp_rank_0_mp_rank_00_model_states.pt" if overrides.get("zero_stage") == 3 else "mp_rank_00_model_states.pt"
+    client = torch.load(tmp_path / "checkpoints" / "step00000010" / states, weights_only=False)
     assert client["wandb_id"] == run_id and client["step"] == 10
     assert client["data"] == {"start_batch": 20, "micro_batch": 4 // world, "world_size": world}
 
@@ -191,6 +208,35 @@ def test_zero3_export_equals_zero_to_fp32_and_keeps_frozen_weights(tmp_path, pre
         if not k.startswith("decoder."):
             assert torch.equal(export[k], initial[k]), f"frozen {k} changed"
     assert not all(torch.equal(export[k], initial[k]) for k in ds)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_the_sample_grid_comes_from_the_first_ema(tmp_path, zero):
+    import numpy as np
+    from PIL import Image
+
+    from pixelgen.viz import save_grid
+    from tests.engine_worker import WORKER_KEYS, Toy, make_task
+
+    ok(run(tmp_path, 2, zero_stage=zero, steps=4, ema_decays=[0.5, 0.9], sample_every=2))
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step00000004.png"))
+    expected = {}
+    for name in ("ema.safetensors", "model.safetensors"):
+        model = Toy()
+        model.load_state_dict(load_file(tmp_path / "export" / name))
+        with torch.no_grad():
+            images = make_task({**WORKER_KEYS, "lr": 0.01}).sample_fn(model)
+        save_grid(images, tmp_path / f"expected-{name}.png")
+        expected[name] = np.asarray(Image.open(tmp_path / f"expected-{name}.png"))
+    diff = np.abs(grid.astype(int) - expected["ema.safetensors"].astype(int))
+    assert diff.max() <= 1  # up to rounding: sampled in the training process from the EMA of decay 0.5
+    assert np.abs(grid.astype(int) - expected["model.safetensors"].astype(int)).max() > 1
+    # The grid at step 2 swapped the EMA in and the training weights back out exactly: training went on as
+    # in a run that drew no grid.
+    assert (tmp_path / "samples" / "step00000002.png").is_file()
+    plain = tmp_path / "plain"
+    ok(run(plain, 2, zero_stage=zero, steps=4, ema_decays=[0.5, 0.9]))
+    assert_same_weights(exported(tmp_path), exported(plain))
 
 
 def test_trunk_at_its_own_learning_rate(tmp_path):

@@ -1,6 +1,10 @@
-"""Exponential moving averages of the trainable parameters, one per decay, kept in fp32 whatever the
-training precision. Under ZeRO-3 the parameters are gathered for the update, so every rank holds the full
-averages (simple and exact; sharding them like the parameters would save memory at XL scale)."""
+"""Exponential moving averages of the trainable parameters, one per decay, kept in fp32 whatever the training
+precision.
+
+Under ZeRO-3 each rank averages only its own partition of every parameter (`ds_tensor`), so the averages are
+sharded like the weights: no gather per step and 1/N of the memory. They travel in each rank's own DeepSpeed
+model-states file (ZeRO-3 writes one per rank), and are gathered only to export or to sample.
+"""
 
 from __future__ import annotations
 
@@ -10,31 +14,45 @@ import torch
 from torch import nn
 
 
+def _is_zero3(p: nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _local(p: nn.Parameter) -> torch.Tensor:
+    """The part of the parameter this rank holds: its ZeRO-3 partition (flat, padded), else all of it."""
+    return (p.ds_tensor if _is_zero3(p) else p).detach()
+
+
 class EMA:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decays: list[float]):
         self.decays = [float(d) for d in decays]
         self.params = dict(named_params)
-        with _gathered(list(self.params.values())):
-            self.shadows = [{n: p.detach().float().clone() for n, p in self.params.items()} for _ in self.decays]
+        self.sharded = any(_is_zero3(p) for p in self.params.values())
+        self.shadows = [{n: _local(p).float().clone() for n, p in self.params.items()} for _ in self.decays]
 
     @torch.no_grad()
     def update(self, applied: torch.Tensor | None = None) -> None:
         """`applied`: 1.0 when the optimizer step happened, 0.0 when it was skipped (a device tensor, so the
         loop never waits for the host); a skipped step leaves the averages as they were."""
         names = list(self.params)
-        with _gathered(list(self.params.values())):
-            current = [self.params[n].detach().float() for n in names]
-            for decay, shadow in zip(self.decays, self.shadows):
-                weight = 1.0 - decay if applied is None else (1.0 - decay) * applied
-                torch._foreach_lerp_([shadow[n] for n in names], current, weight)
+        current = [_local(self.params[n]).float() for n in names]
+        for decay, shadow in zip(self.decays, self.shadows):
+            weight = 1.0 - decay if applied is None else (1.0 - decay) * applied
+            torch._foreach_lerp_([shadow[n] for n in names], current, weight)
 
     def state_dict(self) -> dict:
-        return {"decays": self.decays, "shadows": [{n: t.cpu() for n, t in s.items()} for s in self.shadows]}
+        """This rank's averages (its shards under ZeRO-3)."""
+        return {"decays": self.decays, "sharded": self.sharded,
+                "shadows": [{n: t.cpu() for n, t in s.items()} for s in self.shadows]}
 
     def load_state_dict(self, state: dict, source: str = "the checkpoint") -> None:
         if [float(d) for d in state["decays"]] != self.decays:
             raise ValueError(f"{source} holds EMAs with decays {state['decays']} but the config asks for "
                              f"{self.decays} (key 'ema_decays'): set it back to resume, or start the stage afresh")
+        if state.get("sharded", False) != self.sharded:
+            raise ValueError(f"{source} was written {'with' if state.get('sharded') else 'without'} ZeRO-3 and "
+                             f"this run is {'with' if self.sharded else 'without'} it (key 'zero_stage'): set it "
+                             f"back to resume, or start the stage afresh")
         for shadow, saved in zip(self.shadows, state["shadows"]):
             missing = set(shadow) - set(saved)
             if missing:
@@ -42,29 +60,48 @@ class EMA:
             for n, t in shadow.items():
                 t.copy_(saved[n])
 
-    def averaged(self, index: int) -> dict[str, torch.Tensor]:
-        return self.shadows[index]
+    def full(self, index: int, keep: bool = True) -> dict[str, torch.Tensor]:
+        """One EMA as full fp32 tensors on the CPU. Collective under ZeRO-3 (every rank calls it); ranks with
+        keep=False take part in the gathers and get {}."""
+        shadow = self.shadows[index]
+        if not self.sharded:
+            return {n: t.cpu() for n, t in shadow.items()}
+        world = torch.distributed.get_world_size()
+        out = {}
+        for n, p in self.params.items():
+            parts = [torch.empty_like(shadow[n]) for _ in range(world)]
+            torch.distributed.all_gather(parts, shadow[n])
+            if keep:  # partitions are contiguous slices of the flattened parameter, padded at the end
+                out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+        return out
 
     @contextlib.contextmanager
     def swapped_in(self, index: int = 0):
-        """Temporarily put one EMA into the live parameters (for sampling), then restore them."""
-        shadow = self.shadows[index]
+        """Temporarily put one EMA into the live parameters (for sampling), then restore them.
+
+        Under ZeRO-3 the parameters stay gathered for the whole block (sampling never waits on ZeRO's
+        prefetch) and rank 0 alone writes them; the other ranks compute with the training weights, which is
+        harmless because only rank 0 keeps the samples. On leaving, DeepSpeed re-partitions rank 0's restored
+        values."""
+        writer = not self.sharded or torch.distributed.get_rank() == 0
+        values = self.full(index, keep=writer)  # collective under ZeRO-3
         with _gathered(list(self.params.values()), modify=True):
-            backup = {n: p.detach().clone() for n, p in self.params.items()}
+            backup = {}
             with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(shadow[n].to(p.dtype))
+                for n, p in self.params.items() if writer else ():
+                    backup[n] = p.detach().clone()
+                    p.copy_(values[n].to(p.device, p.dtype))
             try:
                 yield
             finally:
                 with torch.no_grad():
-                    for n, p in self.params.items():
+                    for n, p in self.params.items() if writer else ():
                         p.copy_(backup[n])
 
 
 def _gathered(params, modify: bool = False):
     """ZeRO-3 partitions parameters; gather them for the duration (a no-op for stages 0-2)."""
-    if any(hasattr(p, "ds_id") for p in params):
+    if any(_is_zero3(p) for p in params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)

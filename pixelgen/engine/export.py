@@ -41,16 +41,19 @@ def _fp32_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
     return master
 
 
-def consolidated_state(engine, frozen_fp32: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of the engine's module, on every rank (collective under ZeRO)."""
+def consolidated_state(engine, frozen_fp32: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the engine's module. Collective under ZeRO: every rank calls it; ranks with
+    keep=False take part and get only the buffers."""
     module = engine.module
     keys = set(module.state_dict().keys())
     state = {}
     for name, p in module.named_parameters():
         if name in frozen_fp32:
             state[name] = frozen_fp32[name]
-        else:
-            state[name] = _fp32_master(engine, p).float().cpu().clone().reshape(getattr(p, "ds_shape", p.shape))
+            continue
+        master = _fp32_master(engine, p)
+        if keep:
+            state[name] = master.float().cpu().clone().reshape(getattr(p, "ds_shape", p.shape))
     for name, b in module.named_buffers():
         if name in keys:  # persistent buffers only, as in state_dict
             state[name] = b.detach().float().cpu().clone()
@@ -59,12 +62,13 @@ def consolidated_state(engine, frozen_fp32: dict[str, torch.Tensor]) -> dict[str
 
 def export_weights(engine, ema, frozen_fp32: dict[str, torch.Tensor], out_dir: Path, is_main: bool,
                    meta: dict) -> Path:
-    state = consolidated_state(engine, frozen_fp32)
+    state = consolidated_state(engine, frozen_fp32, keep=is_main)
+    emas = [ema.full(i, keep=is_main) for i in range(len(ema.decays))]  # collective under ZeRO-3
     if is_main:
         metadata = {"pixelgen": json.dumps(meta, default=str)}
         files = {"model.safetensors": state}
         for i, decay in enumerate(ema.decays):
-            files[ema_filename(i, decay)] = {**state, **{n: t.float().cpu() for n, t in ema.averaged(i).items()}}
+            files[ema_filename(i, decay)] = {**state, **emas[i]}
         for name, sd in files.items():
             atomic_write(out_dir / name,
                          lambda tmp, sd=sd: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata))
