@@ -42,9 +42,9 @@ class Job:
             e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PIXELGEN_FAULT"))}
             e.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}))
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(spec)],
-                                               cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               text=True))
+            cmd = [sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(spec)]
+            self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True))
 
     def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
         """Return codes and outputs. When one rank dies, the others are killed after a grace period, as a
@@ -143,7 +143,8 @@ def _killed_and_resumed(ref: Path, tmp_path: Path, world: int, fault: str, **ove
     assert stable(metrics(tmp_path)) == stable(metrics(ref))  # the loss history, bit for bit
     assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 11))
     assert (tmp_path / "wandb_id.txt").read_text() == run_id
-    states = "zero_pp_rank_0_mp_rank_00_model_states.pt" if overrides.get("zero_stage") == 3 else "mp_rank_00_model_states.pt"
+    zero3 = overrides.get("zero_stage") == 3  # ZeRO-3 writes one model-states file per rank
+    states = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"
     client = torch.load(tmp_path / "checkpoints" / "step00000010" / states, weights_only=False)
     assert client["wandb_id"] == run_id and client["step"] == 10
     assert client["data"] == {"start_batch": 20, "micro_batch": 4 // world, "world_size": world}
