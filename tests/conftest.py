@@ -25,6 +25,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def launcher_env_unchanged():
+    """Torch's rank variables leaked into the test process by one test would make every later `pixelgen`
+    subprocess wait for ranks that never come (it happened once): fail the test that leaks them instead."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in names}
+    yield
+    after = {k: os.environ.get(k) for k in names}
+    assert after == before, f"the test changed the process's launcher variables: {before} -> {after}"
+
+
 @pytest.fixture(scope="session")
 def fake_imagenet(tmp_path_factory) -> Path:
     """A small ImageNet-layout folder shared by the pipeline tests (4 classes, 24px)."""

@@ -141,9 +141,17 @@ def test_cuda_visible_devices_is_neither_returned_nor_changed():
 
 # --- the pipeline's submitit layer --------------------------------------------------------------------------------
 
-def _local_task(monkeypatch, rank: int):
+def _clear_torch_vars(monkeypatch):
+    # Set, then delete: monkeypatch then restores each variable's original state (absent, usually) after the
+    # test, including the values _export_distributed_env writes into os.environ itself. Leaked into the test
+    # process, they would make every later `pixelgen` subprocess wait for a rank that never comes.
     for name in TORCH_VARS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
+def _local_task(monkeypatch, rank: int):
+    _clear_torch_vars(monkeypatch)
     for name, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="77", SUBMITIT_LOCAL_NTASKS="2",
                             SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0",
                             SUBMITIT_LOCAL_GLOBALID=str(rank), SUBMITIT_LOCAL_LOCALID=str(rank)).items():
@@ -153,8 +161,7 @@ def _local_task(monkeypatch, rank: int):
 def test_submitit_exports_nothing_under_slurm(monkeypatch):
     from pipeline.orchestrate import _export_distributed_env
 
-    for name in TORCH_VARS:
-        monkeypatch.delenv(name, raising=False)
+    _clear_torch_vars(monkeypatch)
     for name, value in {**_srun_task(1, 1), "SUBMITIT_EXECUTOR": "slurm"}.items():
         monkeypatch.setenv(name, value)
     _export_distributed_env()
