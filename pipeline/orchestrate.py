@@ -111,9 +111,10 @@ def _stream_logs(job, echo, poll_s: float = 0.5) -> None:
     pump(final=True)
 
 
-# Lines that say nothing to a person watching a run: DeepSpeed's per-rank info logs, submitit's own.
+# Lines that say nothing to a person watching a run: DeepSpeed's per-rank info logs, submitit's own, and
+# DeepSpeed's warning about our own optimizer (SkippingAdamW, a torch AdamW it has not vetted by name).
 _NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d .*\] \[(INFO|DEBUG)\]|^submitit INFO|No CUDA runtime is found|"
-                    r"Setting accelerator to CPU|deepspeed_shm_comm_op built")
+                    r"Setting accelerator to CPU|deepspeed_shm_comm_op built|_do_optimizer_sanity_check")
 
 
 def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict[str, dict]:
