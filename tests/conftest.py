@@ -29,7 +29,8 @@ def one_thread():
 def launcher_env_unchanged():
     """Torch's rank variables leaked into the test process by one test would make every later `pixelgen`
     subprocess wait for ranks that never come (it happened once): fail the test that leaks them instead."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "CUDA_VISIBLE_DEVICES")
     before = {k: os.environ.get(k) for k in names}
     yield
     after = {k: os.environ.get(k) for k in names}

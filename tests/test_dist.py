@@ -13,6 +13,7 @@ from pixelgen.engine.dist import first_host, launcher_env
 from tests.conftest import ROOT
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+EXPORT_ONLY_VARS = ("LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES")  # what submitit's export may also write
 
 
 def _srun_task(procid: int, localid: int, **extra: str) -> dict:
@@ -145,7 +146,7 @@ def _clear_torch_vars(monkeypatch):
     # Set, then delete: monkeypatch then restores each variable's original state (absent, usually) after the
     # test, including the values _export_distributed_env writes into os.environ itself. Leaked into the test
     # process, they would make every later `pixelgen` subprocess wait for a rank that never comes.
-    for name in TORCH_VARS:
+    for name in (*TORCH_VARS, *EXPORT_ONLY_VARS):
         monkeypatch.setenv(name, "unset")
         monkeypatch.delenv(name)
 
