@@ -335,7 +335,7 @@ def test_flops_are_counted_from_the_step_and_give_mfu(tmp_path):
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    ok(run(eager, 1, steps=4, noise=False))
-    ok(run(compiled, 1, steps=4, noise=False, compile=True))
+    results = ok(run(eager, 1, steps=4, noise=False)) + ok(run(compiled, 1, steps=4, noise=False, compile=True))
+    assert [json.loads(out.strip().splitlines()[-1])["compiled"] for _, out in results] == [False, True]
     for a, b in zip(metrics(eager), metrics(compiled)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

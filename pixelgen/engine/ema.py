@@ -85,7 +85,7 @@ class EMA:
         values."""
         writer = not self.sharded or torch.distributed.get_rank() == 0
         values = self.full(index, keep=writer)  # collective under ZeRO-3
-        with _gathered(list(self.params.values()), modify=True):
+        with _gathered_for_rank0_writes(list(self.params.values())):
             backup = {}
             with torch.no_grad():
                 for n, p in self.params.items() if writer else ():
@@ -99,10 +99,11 @@ class EMA:
                         p.copy_(backup[n])
 
 
-def _gathered(params, modify: bool = False):
-    """ZeRO-3 partitions parameters; gather them for the duration (a no-op for stages 0-2)."""
+def _gathered_for_rank0_writes(params):
+    """ZeRO-3 partitions parameters: gather them for the duration, re-partitioning rank 0's values on leaving
+    (a no-op for stages 0-2)."""
     if any(_is_zero3(p) for p in params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
     return contextlib.nullcontext()

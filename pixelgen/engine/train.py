@@ -57,6 +57,7 @@ class TrainResult:
     params_trainable: int
     params_total: int
     skipped_steps: int
+    compiled: bool  # torch.compile was in effect (cfg.compile), as DeepSpeed's engine reports it
 
 
 class NonFiniteError(RuntimeError):
@@ -369,4 +370,4 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
     return TrainResult(step=step, preempted=preempted, seconds=time.time() - t_start, final_loss=meter.last_loss,
                        export_dir=export_dir, params_trainable=sum(numel(p) for _, p in named_trainable),
                        params_total=sum(numel(p) for p in model.parameters()),
-                       skipped_steps=int(nonfinite.total.item()))
+                       skipped_steps=int(nonfinite.total.item()), compiled=engine.is_compiled)
