@@ -24,7 +24,8 @@ from pixelgen.engine.dist import launcher_env
 from pixelgen.io import atomic_write_json, atomic_write_text, read_json
 
 MARKER = "DONE.json"
-_PATH_KEYS = ("run_dir", "data.imagenet_dir", "data.shard_dir", "train_decoder.init_from", "fid.inception_weights")
+_PATH_KEYS = ("run_dir", "data.imagenet_dir", "data.shard_dir", "train_decoder.init_from", "fid.inception_weights",
+              "model.repa.teacher.weights", "model.trunk.student.teacher.weights")
 
 
 def resolve_paths(cfg) -> None:
@@ -72,7 +73,9 @@ def prepare(cfg) -> Path:
             raise ConfigError(f"run folder {run_dir} was made with a different config ({detail}). Resume it with "
                               f"the same config, or pick a new run_dir=... for the changed experiment")
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Owner only: the run folder holds the pickled jobs (code) and the logs.
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(run_dir, 0o700)
     atomic_write_json(run_dir / "run.json", {
         "pixelgen_version": pixelgen.__version__,
         "git_revision": git_revision(),

@@ -101,3 +101,14 @@ def test_run_folder_records_config_version_and_git(tmp_path):
     cfg.train_trunk.steps = 99
     with pytest.raises(ConfigError, match="train_trunk.steps"):
         rundir.prepare(cfg)
+
+
+def test_every_path_is_made_absolute_for_jobs_started_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "dino.safetensors").write_bytes(b"")
+    cfg = load_config(TINY, ["run_dir=runs/a", "data.imagenet_dir=data/in", "model.repa.weight=0.5", "model.repa.block=1",
+                             "model.repa.teacher.weights=weights/dino.safetensors"])
+    rundir.resolve_paths(cfg)
+    assert cfg.run_dir == str(tmp_path / "runs" / "a") and cfg.data.imagenet_dir == str(tmp_path / "data" / "in")
+    assert cfg.model.repa.teacher.weights == str(tmp_path / "weights" / "dino.safetensors")
