@@ -15,15 +15,15 @@ from rich.text import Text
 from pipeline.config import STAGES, ConfigError, load_config
 
 console = Console(soft_wrap=True)  # long paths and messages stay on one line, copyable
-# A stage stopped by SIGUSR2/SIGTERM after saving a checkpoint: "temporary failure, try again" (sysexits.h).
-EXIT_PREEMPTED = 75
 
 EPILOG = """examples:
   pixelgen fake-imagenet runs/fake-imagenet
   pixelgen run configs/demo.yaml
-  pixelgen run configs/demo.yaml train_trunk.steps=500 run_dir=runs/longer --executor local
-  pixelgen stage train_trunk configs/demo.yaml
+  pixelgen run configs/demo.yaml train_trunk.steps=500 run_dir=runs/longer
+  pixelgen run configs/pixeldit_b.yaml --cluster mycluster     (slurm/mycluster.yaml)
   pixelgen status runs/demo
+  pixelgen resume runs/demo
+  pixelgen stage train_trunk configs/demo.yaml
   pixelgen shards verify runs/demo/shard
 """
 
@@ -37,11 +37,42 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from pipeline import orchestrate, rundir
+    from pipeline import rundir
 
     cfg = _load(args)
+    profile = _load_cluster(args.cluster, cfg) if args.cluster else None
     run_dir = rundir.prepare(cfg)
-    console.print(f"[bold]pixelgen[/bold] run [cyan]{cfg.name}[/cyan] -> {run_dir}  (executor: {args.executor})")
+    if not args.dry_run:
+        _refuse_if_busy(run_dir)
+    if profile:
+        return _submit(cfg, run_dir, *profile, command="run", dry_run=args.dry_run)
+    return _run_here(cfg, run_dir, args.executor)
+
+
+def _refuse_if_busy(run_dir: Path) -> None:
+    """A run folder whose SLURM jobs are still queued or running is not started a second time."""
+    from pipeline import cluster
+
+    busy = cluster.active_jobs(run_dir)
+    if busy:
+        raise ConfigError(f"run folder {run_dir} still has jobs queued or running ({', '.join(busy)}): follow them "
+                          f"with `pixelgen status {run_dir}`, or `pixelgen cancel {run_dir}` first")
+
+
+def _load_cluster(name: str, cfg):
+    """The profile, checked on its own and against the experiment, before anything is submitted."""
+    from pipeline import cluster
+
+    path, profile = cluster.load_profile(name)
+    cluster.check_experiment(cfg, profile, f"{cfg.name} on cluster profile {path}")
+    cluster.check_partitions(profile, path)
+    return path, profile
+
+
+def _run_here(cfg, run_dir: Path, executor: str) -> int:
+    from pipeline import orchestrate
+
+    console.print(f"[bold]pixelgen[/bold] run [cyan]{cfg.name}[/cyan] -> {run_dir}  (executor: {executor})")
     t0 = time.time()
 
     def on_done(stage, summary):
@@ -50,23 +81,44 @@ def cmd_run(args) -> int:
 
     try:
         echo = (lambda line: console.print(Text("  " + line, style="dim"), soft_wrap=True)) \
-            if args.executor == "local" else None
-        results = orchestrate.submit_chain(cfg, run_dir, args.executor, on_done=on_done, echo=echo)
+            if executor == "local" else None
+        orchestrate.submit_chain(cfg, run_dir, executor, on_done=on_done, echo=echo)
     except orchestrate.StageFailed as err:
         console.print(f"[red]✗ {err}[/red]")
-        console.print(f"Fix the cause and rerun the same command: finished stages are skipped, "
-                      f"'{err.stage}' resumes from its last checkpoint.")
+        console.print(f"Fix the cause and rerun the same command (or pixelgen resume {run_dir}): finished stages "
+                      f"are skipped, '{err.stage}' resumes from its last checkpoint.")
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the running stage was stopped; rerun the same command to resume "
                       "from its last checkpoint[/yellow]")
         return 130
-    if args.executor == "slurm":
-        for stage, info in results.items():
-            console.print(f"{stage}: job {info.get('job_id', 'done')}")
-        console.print(f"Follow it with: pixelgen status {run_dir}")
-        return 0
     print_summary(run_dir, cfg, time.time() - t0)
+    return 0
+
+
+def _submit(cfg, run_dir: Path, profile_path: str, profile, command: str, dry_run: bool = False) -> int:
+    from pipeline import cluster, orchestrate
+
+    try:
+        jobs = orchestrate.submit_slurm(cfg, run_dir, profile_path, profile, command=command, dry_run=dry_run)
+    except orchestrate.SubmissionError as err:
+        console.print(f"[red]✗ {err}[/red]")
+        return 1
+    if not jobs:
+        console.print(f"every stage of {run_dir} is done; nothing to submit")
+        return 0
+    table = Table(title=f"pixelgen {command} {cfg.name} on {Path(profile_path).stem}"
+                        + (" (dry run: nothing submitted)" if dry_run else ""))
+    for col in ("stage", "job" if not dry_run else "job script", "ranks", "time limit"):
+        table.add_column(col)
+    for stage, job in jobs.items():
+        ranks = cluster.world_size(profile, stage) if stage in cluster.TRAIN_STAGES else 1
+        what = job.get("script") or (job["job_id"] + (f" (array of {job['tasks']})" if job["tasks"] > 1 else ""))
+        table.add_row(stage, what, str(ranks), f"{getattr(profile.time_min, stage)} min")
+    console.print(table)
+    if not dry_run:
+        console.print(f"run record: {run_dir / cluster.RECORD}")
+        console.print(f"follow it:  pixelgen status {run_dir}    stop it: pixelgen cancel {run_dir}")
     return 0
 
 
@@ -114,6 +166,8 @@ def cmd_stage(args) -> int:
     try:
         summary = run_stage(args.name, cfg, run_dir, task=task)
     except StagePreempted as err:
+        from pipeline.cluster import EXIT_PREEMPTED
+
         console.print(f"[yellow]{err}[/yellow]")
         return EXIT_PREEMPTED
     console.print_json(json.dumps(summary, default=str))
@@ -181,33 +235,74 @@ def cmd_shards_verify(args) -> int:
     return 0
 
 
+_STATE_STYLE = {"done": "green", "running": "cyan", "pending": "white", "requeued": "yellow",
+                "failed": "red", "cancelled": "red", "not run": "dim", "started": "yellow", "not submitted": "dim"}
+
+
 def cmd_status(args) -> int:
-    from pipeline import rundir
+    from pipeline import cluster, rundir
     from pixelgen.engine.checkpoint import CheckpointManager
 
     run_dir = Path(args.run_dir)
     cfg = rundir.load_run_config(run_dir)
+    rows = cluster.stage_states(run_dir, cfg)
     table = Table(title=f"{cfg.name}: {run_dir}")
-    for col in ("stage", "state", "time", "checkpoint step", "detail"):
-        table.add_column(col)
-    for stage in cfg.stages:
+    for col in ("stage", "state", "job", "elapsed", "checkpoint"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for row in rows:
+        stage = row["stage"]
         m = rundir.marker(run_dir, stage)
-        sdir = rundir.stage_dir(run_dir, stage)
-        ckpt = CheckpointManager(sdir / "checkpoints", 1, False).latest_complete()
-        if m is not None:
-            state, seconds = "[green]done[/green]", f"{m.get('seconds', 0):.0f} s"
-        elif sdir.exists():
-            state, seconds = "[yellow]started[/yellow]", ""
-        else:
-            state, seconds = "pending", ""
-        detail = ""
+        ckpt = CheckpointManager(rundir.stage_dir(run_dir, stage) / "checkpoints", 1, False).latest_complete()
+        detail = row["detail"]
         if m and stage == "fid":
             detail = f"{'proxy-FID' if m.get('proxy') else 'FID'} {m.get('fid', float('nan')):.3f}"
         elif m and stage.startswith("train"):
             detail = f"loss {m.get('final_loss', float('nan')):.4f}"
-        table.add_row(stage, state, seconds, str(ckpt[0]) if ckpt else "-", detail)
+        style = _STATE_STYLE.get(row["state"], "white")
+        cells = [stage, f"[{style}]{row['state']}[/{style}]", row["job_id"] or "-", row["elapsed"],
+                 str(ckpt[0]) if ckpt else "-", detail]
+        table.add_row(*cells)
     console.print(table)
+    for row in rows:  # full paths below the table, to copy
+        if row["log"] and row["state"] != "done" and Path(row["log"]).exists():
+            console.print(f"log of {row['stage']} ({row['state']}): {row['log']}")
+    states = {r["state"] for r in rows}
+    if "failed" in states:
+        console.print(f"fix the cause, then `pixelgen resume {run_dir}`: finished stages are not run again")
+    elif "cancelled" in states:
+        console.print(f"`pixelgen resume {run_dir}` continues the run: finished stages are not run again")
     return 0
+
+
+def cmd_cancel(args) -> int:
+    from pipeline import cluster
+
+    run_dir = Path(args.run_dir)
+    if cluster.read_record(run_dir) is None:
+        raise ConfigError(f"{run_dir} has no run record ({cluster.RECORD}): it was not submitted to SLURM, so there "
+                          f"is nothing to cancel (stop a local run with Ctrl-C)")
+    ids = cluster.cancel(run_dir)
+    if ids:
+        console.print(f"cancelled jobs {', '.join(ids)}; `pixelgen resume {run_dir}` picks the run up again")
+    else:
+        console.print(f"no job of {run_dir} is queued or running")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from pipeline import cluster, rundir
+
+    run_dir = Path(args.run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    record = cluster.read_record(run_dir)
+    name = args.cluster or (record["submissions"][-1]["cluster"] if record else None)
+    _refuse_if_busy(run_dir)
+    if name is None:
+        console.print(f"{run_dir} ran on this machine: resuming it here (--cluster NAME submits it to SLURM)")
+        return _run_here(cfg, run_dir, args.executor)
+    path, profile = _load_cluster(name, cfg)
+    return _submit(cfg, run_dir, path, profile, command="resume")
 
 
 def cmd_fake_imagenet(args) -> int:
@@ -228,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "train the pixel decoder -> FID, locally or on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def executor_arg(p):
+        p.add_argument("--executor", choices=("local", "debug"), default="local",
+                       help="without --cluster: local = subprocesses on this machine (default); debug = in this "
+                            "process")
+
     def config_args(p):
         p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -238,9 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "depending on the one before. Rerunning the same command on the same run "
                                    "folder skips finished stages and resumes an unfinished one.")
     config_args(p)
-    p.add_argument("--executor", choices=("local", "debug", "slurm"), default="local",
-                   help="local: subprocesses on this machine (default); debug: in this process; "
-                        "slurm: sbatch jobs with afterok dependencies")
+    executor_arg(p)
+    p.add_argument("--cluster", metavar="NAME",
+                   help="submit to SLURM with the cluster profile slurm/NAME.yaml (or a YAML path): every stage "
+                        "at once, each afterok on the one before; e.g. --cluster local (slurm/local/up)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --cluster: write the job scripts under RUN_DIR/submitit/dry-run/ and submit nothing")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", formatter_class=fmt, help="run one stage in this process",
@@ -251,9 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("status", help="show the state of each stage of a run folder",
-                       description="Show each stage's state, time, latest complete checkpoint and result.")
+                       description="Show each stage's state (done, running, pending, requeued, failed, cancelled, "
+                                   "not run), SLURM job id, elapsed time, latest complete checkpoint, result and "
+                                   "log, from the run record, squeue and the run folder (no sacct needed).")
     p.add_argument("run_dir", help="the run folder (run_dir of the config)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a run's SLURM jobs that are still queued or running",
+                       description="scancel every job of the run that is still queued or running. Finished stages "
+                                   "and checkpoints stay; `pixelgen resume` continues from them.")
+    p.add_argument("run_dir", help="the run folder")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("resume", formatter_class=fmt, help="run or submit a run's unfinished stages again",
+                       description="Resubmit only the stages of RUN_DIR without a DONE marker, with the saved "
+                                   "config; an interrupted training stage continues from its latest complete "
+                                   "checkpoint. A SLURM run goes back to the cluster profile in its run record "
+                                   "(re-read, so a fixed profile applies); a local run runs here.")
+    p.add_argument("run_dir", help="the run folder")
+    p.add_argument("--cluster", metavar="NAME", help="submit to this cluster profile instead of the recorded one")
+    executor_arg(p)
+    p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("shards", formatter_class=fmt, help="write or verify WebDataset shards outside a run",
                        description="Shard an ImageNet folder once, to point many runs at it (data.shard_dir), or "

@@ -33,13 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class StageResources:
-    """How one stage is launched (locally or on SLURM)."""
+    """How one stage runs on this machine (the local executor). On a cluster the profile decides
+    (slurm/<name>.yaml, `--cluster NAME`)."""
 
-    tasks: int = 1  # processes (ranks); one per GPU on a cluster
-    cpus_per_task: int = 2
-    gpus_per_task: int = 0
-    mem_gb: int = 8
-    timeout_min: int = 60
+    tasks: int = 1  # processes (ranks)
+    timeout_min: int = 10080  # a week: a local run is not cut short
 
 
 @dataclass
@@ -48,8 +46,11 @@ class LaunchConfig:
     train_trunk: StageResources = field(default_factory=StageResources)
     train_decoder: StageResources = field(default_factory=StageResources)
     fid: StageResources = field(default_factory=StageResources)
-    partition: Optional[str] = None
-    account: Optional[str] = None
+
+
+# Keys that moved to cluster profiles, with the profile key that replaces them.
+_MOVED = {"partition": "partition", "account": "account", "gpus_per_task": "gpus_per_node",
+          "cpus_per_task": "cpus_per_node", "mem_gb": "mem_gb"}
 
 
 @dataclass
@@ -74,6 +75,10 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     msg = getattr(err, "msg", None) or str(err)
     msg = msg.split("\n")[0]
+    if key.startswith("launch.") and key.split(".")[-1] in _MOVED:
+        return ConfigError(f"{source}: key '{key}' moved to the cluster profile (slurm/<name>.yaml, key "
+                           f"'{_MOVED[key.split('.')[-1]]}'), selected with --cluster NAME; the experiment's "
+                           f"launch.<stage> keeps only tasks and timeout_min for local runs")
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         hint = "remove it or check its spelling against the schema (pixelgen/*/config.py)"
         return ConfigError(f"{source}: unknown key '{key}': {hint}")

@@ -1,25 +1,27 @@
 """Hand the chain of stages to submitit: local subprocesses, in-process debug, or SLURM jobs.
 
-On SLURM every stage is submitted at once, each depending on the previous one (`afterok`); the local and
-debug executors have no dependency mechanism, so the chain waits for each job before submitting the next.
-Either way each job runs `StageJob`, which reloads the saved run config, so a job is a function of the
-run folder alone.
+On SLURM (`submit_slurm`) every unfinished stage is submitted at once, each depending on the previous one
+(`afterok`, with invalid dependencies killed), and a run record names the jobs; `pipeline.cluster` turns the
+cluster profile into each job's parameters. The local and debug executors have no dependency mechanism, so
+`submit_chain` waits for each job before submitting the next. Either way each job runs `StageJob`, which
+reloads the saved run config, so a job is a function of the run folder alone.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 import submitit
 
-from pipeline import rundir
+from pipeline import cluster, rundir
 from pipeline.config import STAGES
 
-EXECUTORS = ("local", "debug", "slurm")
+EXECUTORS = ("local", "debug")
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -32,11 +34,47 @@ class StageJob(submitit.helpers.Checkpointable):
         self.task = task  # index in the stage's job array (the shard stage), else None
 
     def __call__(self) -> dict:
-        from pipeline.stages import run_stage
+        from pipeline.stages import StagePreempted, run_stage
 
         _export_distributed_env()
+        on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        if on_slurm:
+            _announce(self.stage)
+            _preempt_outside_training()
         cfg = rundir.load_run_config(self.run_dir)
-        return run_stage(self.stage, cfg, self.run_dir, task=self.task)
+        try:
+            return run_stage(self.stage, cfg, self.run_dir, task=self.task)
+        except StagePreempted as err:
+            if not on_slurm:
+                raise
+            # No result file: the job is not over. The job script sees the status and requeues the job.
+            print(f"pixelgen: {err}", file=sys.stderr, flush=True)
+            sys.exit(cluster.EXIT_PREEMPTED)
+
+
+def _announce(stage: str) -> None:
+    """One line per job start in the job's log: which stage, which restart, which secrets arrived (by name)."""
+    if os.environ.get("SLURM_PROCID", "0") != "0":
+        return
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    secrets = ", ".join(cluster.secret_names()) or "none"
+    print(f"pixelgen: stage {stage}, SLURM job {os.environ.get('SLURM_JOB_ID')} on {os.environ.get('SLURMD_NODENAME')}"
+          f", restart {restarts}; secrets from the environment: {secrets}", file=sys.stderr, flush=True)
+
+
+def _preempt_outside_training() -> None:
+    """Replace submitit's handlers (rank 0 requeues from inside the signal handler, which needs `scontrol` in
+    the container and races the other ranks): a preemption signal stops the stage with StagePreempted, exit
+    75, and the job script requeues. The training engine installs its own flag handler while it trains, so
+    a signal there saves a checkpoint first."""
+    from pipeline.stages import StagePreempted
+
+    def handler(signum, frame):
+        raise StagePreempted(f"signal {signal.Signals(signum).name} outside the training loop; the stage "
+                             f"resumes from what is on disk when the job comes back")
+
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def _export_distributed_env() -> None:
@@ -61,29 +99,21 @@ def _export_distributed_env() -> None:
 
 def make_executor(kind: str, cfg, run_dir: Path):
     if kind not in EXECUTORS:
-        raise ValueError(f"unknown executor '{kind}': choose one of {EXECUTORS}")
-    if kind == "slurm" and shutil.which("sbatch") is None:
-        raise FileNotFoundError("--executor slurm needs SLURM's sbatch on PATH: run from a cluster login node, "
-                                "or use --executor local")
-    folder = run_dir / "submitit"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # pickled jobs are code: owner only
-    return submitit.AutoExecutor(folder=str(folder / "%j"), cluster=kind)
+        raise ValueError(f"unknown executor '{kind}': choose one of {EXECUTORS}, or --cluster NAME for SLURM")
+    return submitit.AutoExecutor(folder=str(_submitit_folder(run_dir) / "%j"), cluster=kind)
 
 
-def _configure(executor, kind: str, cfg, stage: str, dependency: str | None) -> None:
+def _submitit_folder(run_dir: Path) -> Path:
+    folder = Path(run_dir) / "submitit"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)  # pickled jobs are code: owner only
+    return folder
+
+
+def _configure(executor, cfg, stage: str) -> None:
     res = cfg.launch[stage]
-    params = dict(name=f"pixelgen-{cfg.name}-{stage}", timeout_min=res.timeout_min, tasks_per_node=res.tasks,
-                  cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb)
-    if kind == "slurm":
-        extra = {"kill-on-invalid-dep": "yes"}
-        if dependency:
-            extra["dependency"] = dependency
-        params.update(gpus_per_node=res.gpus_per_task * res.tasks, slurm_additional_parameters=extra)
-        if cfg.launch.partition:
-            params["slurm_partition"] = cfg.launch.partition
-        if cfg.launch.account:
-            params["slurm_account"] = cfg.launch.account
-    executor.update_parameters(**params)
+    executor.update_parameters(name=f"pixelgen-{cfg.name}-{stage}", timeout_min=res.timeout_min,
+                               tasks_per_node=res.tasks)
 
 
 def _stream_logs(job, echo, poll_s: float = 0.5) -> None:
@@ -118,11 +148,10 @@ _NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d .*\] \[(INFO|DEBUG)\]|^submitit INFO|No
 
 
 def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict[str, dict]:
-    """Submit every unfinished stage in order. Returns {stage: summary} for the stages that finished here
-    (SLURM: job ids instead, the jobs run later). `echo(line)` receives local jobs' log lines live."""
+    """Run every unfinished stage in order on this machine. Returns {stage: summary}. `echo(line)` receives
+    local jobs' log lines live."""
     executor = make_executor(kind, cfg, run_dir)
     results: dict[str, dict] = {}
-    previous = None
     for stage in [s for s in STAGES if s in cfg.stages]:
         done = rundir.marker(run_dir, stage)
         if done is not None:
@@ -130,19 +159,13 @@ def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict
             if on_done:
                 on_done(stage, results[stage])
             continue
-        # afterok on an array's id waits for all of its tasks ("123_0" is task 0 of array 123).
-        dependency = f"afterok:{previous}" if (kind == "slurm" and previous is not None) else None
-        _configure(executor, kind, cfg, stage, dependency)
+        _configure(executor, cfg, stage)
         tasks = cfg.shard.array_tasks if stage == "shard" else 1
         if tasks > 1:  # one job array: each task writes its own range of shards
             with executor.batch():
                 jobs = [executor.submit(StageJob(stage, str(run_dir), task=t)) for t in range(tasks)]
         else:
             jobs = [executor.submit(StageJob(stage, str(run_dir)))]
-        if kind == "slurm":
-            results[stage] = {"job_id": jobs[0].job_id.split("_")[0]}
-            previous = results[stage]["job_id"]
-            continue
         outcomes = []
         for job in jobs:
             try:
@@ -174,3 +197,61 @@ class StageFailed(RuntimeError):
         last = str(err).strip().splitlines()
         tail = "\n".join(last[-12:])
         super().__init__(f"stage '{stage}' failed (job {job.job_id}; log {self.log}):\n{tail}")
+
+
+class SubmissionError(RuntimeError):
+    """sbatch refused a stage's job; the stages before it are queued and listed in the run record."""
+
+
+def submit_slurm(cfg, run_dir: Path, profile_path: str, profile: cluster.ClusterProfile, command: str = "run",
+                 dry_run: bool = False) -> dict[str, dict]:
+    """Submit every unfinished stage at once, each `afterok` on the one before (an array's id waits for all
+    its tasks). Returns {stage: {"job_id", "tasks"}} (dry run: {"script"} instead, nothing submitted) and
+    appends the submission to the run record."""
+    run_dir = Path(run_dir)
+    folder = _submitit_folder(run_dir)
+    python = cluster.python_command(cfg, run_dir, profile)
+    jobs: dict[str, dict] = {}
+    previous = None
+    try:
+        for stage in [s for s in STAGES if s in cfg.stages]:
+            if rundir.marker(run_dir, stage) is not None:
+                continue
+            dependency = f"afterok:{previous}" if previous else None
+            if dry_run and previous:
+                dependency = f"afterok:<job id of {previous}>"
+            executor = submitit.SlurmExecutor(folder=folder / "%j", python=python, max_num_timeout=0)
+            executor.update_parameters(**cluster.job_parameters(cfg, run_dir, profile, stage, dependency))
+            tasks = cfg.shard.array_tasks if stage == "shard" else 1
+            if dry_run:
+                jobs[stage] = {"script": str(_write_script(executor, folder, stage, tasks))}
+                previous = stage
+                continue
+            if tasks > 1:  # one job array: each task writes its own range of shards
+                with executor.batch():
+                    submitted = [executor.submit(StageJob(stage, str(run_dir), task=t)) for t in range(tasks)]
+            else:
+                submitted = [executor.submit(StageJob(stage, str(run_dir)))]
+            jobs[stage] = {"job_id": submitted[0].job_id.split("_")[0], "tasks": tasks}
+            previous = jobs[stage]["job_id"]
+    except Exception as err:  # sbatch's own message names what it refused
+        queued = ", ".join(f"{name} {job['job_id']}" for name, job in jobs.items())
+        hint = (f"; already queued: {queued} (pixelgen cancel {run_dir}, fix the cause, then pixelgen resume "
+                f"{run_dir})") if jobs and not dry_run else ""
+        raise SubmissionError(f"the job of stage '{stage}' was not submitted: {str(err).strip()}{hint}") from None
+    finally:
+        if jobs and not dry_run:
+            cluster.add_submission(run_dir, cfg, command, profile_path, profile, jobs)
+    return jobs
+
+
+def _write_script(executor, folder: Path, stage: str, tasks: int) -> Path:
+    """The job script sbatch would get, written for reading (`--dry-run`)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    text = _make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder,
+                               map_count=tasks if tasks > 1 else None, **executor.parameters)
+    path = folder / "dry-run" / f"{stage}.sh"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path

@@ -113,7 +113,8 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
                           run_name=f"{cfg.name}/{stage}", group=cfg.name, run_config=plain,
                           export_meta={"config": plain, "stage": stage})
     if result.preempted:
-        raise StagePreempted(f"{stage} stopped at step {result.step} on a preemption signal; rerun to resume")
+        raise StagePreempted(f"{stage} stopped at step {result.step} on a preemption signal, checkpoint saved; "
+                             f"rerun to resume (a SLURM job requeues itself)")
     samples = sorted((rundir.stage_dir(run_dir, stage) / "samples").glob("*.png"))
     return {"steps": result.step, "final_loss": result.final_loss, "train_seconds": round(result.seconds, 1),
             "params_trainable": result.params_trainable, "params_total": result.params_total,
