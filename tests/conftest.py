@@ -47,10 +47,24 @@ def fake_imagenet(tmp_path_factory) -> Path:
     return out
 
 
-def pixelgen(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory, fake_imagenet):
+    """The tiny chain run once through submitit's local executor; the SLURM tests compare against it."""
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    # Two shard tasks: the shard stage runs as a job array, as it would on SLURM.
+    proc = pixelgen(*chain_args(run_dir, fake_imagenet), "--executor", "local")
+    return run_dir, proc
+
+
+def chain_args(run_dir: Path, fake_imagenet: Path) -> list[str]:
+    return ["run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}", "shard.array_tasks=2"]
+
+
+def pixelgen(*args: str, cwd: Path = ROOT, check: bool = True, timeout: int = 600,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `pixelgen` console command (installed into the venv running the tests)."""
     exe = Path(sys.executable).parent / "pixelgen"
-    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"pixelgen {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc

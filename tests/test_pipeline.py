@@ -21,15 +21,6 @@ def _tree_state(path: Path) -> dict:
             for p in sorted(path.rglob("*")) if p.is_file() and "submitit" not in p.parts}
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, fake_imagenet):
-    run_dir = tmp_path_factory.mktemp("chain") / "run"
-    # Two shard tasks: the shard stage runs as a job array, as it would on SLURM.
-    proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
-                    "shard.array_tasks=2", "--executor", "local")
-    return run_dir, proc
-
-
 def test_chain_end_to_end(chain, fake_imagenet):
     run_dir, proc = chain
     for stage in ("shard", "train_trunk", "train_decoder", "fid"):

@@ -1,0 +1,329 @@
+"""The chain on a real SLURM cluster: the one-node cluster of slurm/local/ (Debian's slurmctld, slurmd and
+munge), started by the tests when it is not running. Jobs are real sbatch jobs through submitit; srun starts
+the ranks; preemption is a real USR2 from scancel and a real `scontrol requeue`.
+
+Where the local cluster cannot run (not root, no apt-get), the live tests skip with the reason; with CI or
+PIXELGEN_REQUIRE_SLURM set, that skip is a failure. The profile and job-script tests need no cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from pipeline import cluster, rundir
+from pipeline.config import ConfigError, load_config
+from tests.conftest import ROOT, TINY, chain_args, pixelgen
+
+SECRET = "pixelgen-test-secret-3f9c1a"  # a WANDB_API_KEY value that must never land on disk
+
+
+def _profile(tmp_path: Path, **changes) -> Path:
+    data = OmegaConf.to_container(OmegaConf.load(ROOT / "slurm" / "local.yaml"))
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    path = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}.yaml"
+    path.write_text(OmegaConf.to_yaml(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------ profiles (no cluster)
+def test_every_shipped_profile_loads():
+    for path in sorted((ROOT / "slurm").glob("*.yaml")):
+        if path.stem == "example":  # names a squashfs image that exists only on a real cluster
+            with pytest.raises(ConfigError, match="container.image"):
+                cluster.load_profile(str(path))
+            continue
+        cluster.load_profile(str(path))
+
+
+def test_profile_errors_name_the_file_and_key(tmp_path):
+    bad = _profile(tmp_path, partitoin="debug")
+    with pytest.raises(ConfigError, match=rf"{bad}: unknown key 'partitoin'"):
+        cluster.load_profile(str(bad))
+    bad = _profile(tmp_path, signal="USR1")
+    with pytest.raises(ConfigError, match=r"key 'signal' = 'USR1'.*NCCL"):
+        cluster.load_profile(str(bad))
+    bad = _profile(tmp_path, sbatch={"time": 5})
+    with pytest.raises(ConfigError, match=r"sbatch.time.*sets this option itself"):
+        cluster.load_profile(str(bad))
+    bad = _profile(tmp_path, **{"container.runtime": "apptainer", "container.image": str(tmp_path / "none.sif")})
+    with pytest.raises(ConfigError, match=r"container.image.*no such .sif file"):
+        cluster.load_profile(str(bad))
+    with pytest.raises(ConfigError, match=r"cluster profile 'nosuch' not found.*profiles: .*local"):
+        cluster.load_profile("nosuch")
+
+
+def test_batch_must_split_over_the_profiles_ranks(tmp_path, fake_imagenet):
+    # tiny: batch 8; 3 ranks per node cannot split it, and the error names the keys on both sides.
+    path = _profile(tmp_path, tasks_per_node=3)
+    proc = pixelgen("run", str(TINY), f"run_dir={tmp_path / 'run'}", f"data.imagenet_dir={fake_imagenet}",
+                    "--cluster", str(path), "--dry-run", check=False)
+    assert proc.returncode == 2
+    assert "train_trunk.batch_size' = 8" in proc.stdout and "nodes.train_trunk" in proc.stdout
+    assert not (tmp_path / "run").exists()  # nothing prepared before the checks pass
+
+
+def test_cluster_keys_moved_out_of_the_experiment():
+    with pytest.raises(ConfigError, match=r"launch.train_trunk.partition' moved to the cluster profile"):
+        load_config(TINY, ["launch.train_trunk.partition=gpu"])
+
+
+def _dry_run(tmp_path, fake_imagenet, profile: Path, *overrides: str) -> dict[str, str]:
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_API_KEY": SECRET}
+    pixelgen("run", str(TINY), f"run_dir={run}", f"data.imagenet_dir={fake_imagenet}", *overrides,
+             "--cluster", str(profile), "--dry-run", env=env)
+    scripts = {p.stem: p.read_text() for p in (run / "submitit" / "dry-run").glob("*.sh")}
+    assert set(scripts) == {"shard", "train_trunk", "train_decoder", "fid"}
+    for text in scripts.values():
+        assert SECRET not in text
+    assert not (run / cluster.RECORD).exists()  # a dry run submits and records nothing
+    return scripts
+
+
+def test_job_scripts_for_pyxis(tmp_path, fake_imagenet):
+    image = tmp_path / "pixelgen.sqsh"
+    image.write_bytes(b"squashfs stand-in")
+    inception = tmp_path / "weights" / "inception.pth"
+    profile = _profile(tmp_path, gpus_per_node=4, cpus_per_node=32, tasks_per_node=None, signal_lead_s=200,
+                       **{"nodes.train_trunk": 2, "container.runtime": "pyxis", "container.image": str(image),
+                          "container.mounts": ["/scratch"], "sbatch": {"constraint": "h100"},
+                          "setup": ["module load cuda/12.4"]})
+    s = _dry_run(tmp_path, fake_imagenet, profile, "shard.array_tasks=2", f"fid.inception_weights={inception}")
+    run = tmp_path / "run"
+    train = s["train_trunk"]
+    srun = next(line for line in train.splitlines() if line.startswith("srun "))
+    assert f"--container-image={image}" in srun and "--no-container-mount-home" in srun
+    mounts = srun.split("--container-mounts=")[1].split()[0].split(",")
+    # The run folder, the data, the weights' folder and the profile's own mount, each at the same path.
+    assert set(mounts) == {f"{p}:{p}" for p in (run, fake_imagenet, inception.parent, "/scratch")}
+    assert srun.endswith(f"/usr/bin/env python3 -u -m submitit.core._submit {run}/submitit/%j")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@200", "#SBATCH --requeue",
+                 "#SBATCH --constraint=h100", "#SBATCH --kill-on-invalid-dep=yes", "module load cuda/12.4"):
+        assert line in train.splitlines(), line
+    assert "#SBATCH --dependency='afterok:<job id of shard>'" in train
+    # A stage that exits 75 (saved on a preemption signal) is requeued by the batch script, outside the container.
+    teardown = train.split("# teardown")[1]
+    assert '[ "$rc" -eq 75 ]' in teardown and 'scontrol requeue "$SLURM_JOB_ID"' in teardown
+    assert "#SBATCH --array=0-1%2" in s["shard"] and "--gpus-per-node" not in s["shard"]
+    assert "#SBATCH --gpus-per-node=1" in s["fid"] and "#SBATCH --ntasks-per-node=1" in s["fid"]
+    # Owner-only folders: the pickled jobs are code.
+    for folder in (run, run / "submitit"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_job_scripts_for_apptainer(tmp_path, fake_imagenet):
+    image = tmp_path / "pixelgen.sif"
+    image.write_bytes(b"sif stand-in")
+    profile = _profile(tmp_path, gpus_per_node=8, cpus_per_node=64, tasks_per_node=None,
+                       **{"container.runtime": "apptainer", "container.image": str(image),
+                          "container.python": "/opt/venv/bin/python"})
+    s = _dry_run(tmp_path, fake_imagenet, profile)
+    run = tmp_path / "run"
+    srun = next(line for line in s["train_decoder"].splitlines() if line.startswith("srun "))
+    assert "--container-image" not in srun
+    binds = f"{run},{fake_imagenet}" if len(str(run)) <= len(str(fake_imagenet)) else f"{fake_imagenet},{run}"
+    assert srun.endswith(f"apptainer exec --nv --bind {binds} {image} /opt/venv/bin/python -u -m "
+                         f"submitit.core._submit {run}/submitit/%j")
+
+
+# ----------------------------------------------------------------------------------------- the live cluster
+@pytest.fixture(scope="module")
+def slurm():
+    """The local cluster, started here if needed (and stopped again afterwards if this started it)."""
+    binaries = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged"))
+    reason = None
+    if os.geteuid() != 0:
+        reason = "the local SLURM cluster needs root (slurm/local/up installs packages and starts daemons)"
+    elif not binaries and shutil.which("apt-get") is None:
+        reason = "SLURM is not installed and there is no apt-get to install it (slurm/local/up needs Debian)"
+    if reason:
+        if os.environ.get("CI") or os.environ.get("PIXELGEN_REQUIRE_SLURM"):
+            pytest.fail(f"CI requires the live SLURM tests, but: {reason}")
+        pytest.skip(reason)
+    was_up = binaries and subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    subprocess.run([str(ROOT / "slurm" / "local" / "up")], check=True, timeout=900, capture_output=True)
+    submitted: list[Path] = []
+    yield submitted
+    for run_dir in submitted:  # leave no job of ours behind
+        if (run_dir / cluster.RECORD).exists():
+            cluster.cancel(run_dir)
+    if not was_up:
+        subprocess.run([str(ROOT / "slurm" / "local" / "down")], timeout=120, capture_output=True)
+
+
+def _submit(slurm, *args, env=None) -> subprocess.CompletedProcess:
+    """`pixelgen run ARGS` (with --cluster); the fixture cancels the run's jobs if a test leaves any."""
+    slurm.append(Path(next(a for a in args if a.startswith("run_dir="))[len("run_dir="):]))
+    return pixelgen("run", *args, env=env)
+
+
+def _states(run_dir: Path) -> dict[str, dict]:
+    cfg = rundir.load_run_config(run_dir)
+    return {row["stage"]: row for row in cluster.stage_states(run_dir, cfg)}
+
+
+def _wait(run_dir: Path, until, timeout: float = 600, what: str = "") -> dict[str, dict]:
+    end = time.time() + timeout
+    while time.time() < end:
+        states = _states(run_dir)
+        if until(states):
+            return states
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((run_dir / "submitit").rglob("*_log.err")))
+    raise AssertionError(f"timed out waiting for {what}: {json.dumps(states, indent=1)}\n{logs}")
+
+
+def _all_done(states):
+    return all(s["state"] == "done" for s in states.values())
+
+
+def _log(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run_dir / "submitit").rglob("*_log.*")))
+
+
+def test_tiny_chain_under_sbatch_matches_the_local_executor(slurm, chain, fake_imagenet, tmp_path):
+    local_run, _ = chain
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_API_KEY": SECRET}
+    proc = _submit(slurm, *chain_args(run, fake_imagenet)[1:], "--cluster", "local", env=env)
+    record = json.loads((run / cluster.RECORD).read_text())
+    jobs = record["submissions"][0]["jobs"]
+    assert set(jobs) == {"shard", "train_trunk", "train_decoder", "fid"} and jobs["shard"]["tasks"] == 2
+    for stage, job in jobs.items():
+        assert job["job_id"] in proc.stdout
+    entry = record["submissions"][0]
+    assert entry["config_hash"] == json.loads((run / "run.json").read_text())["config_hash"]
+    assert entry["git_revision"] and entry["cluster"].endswith("slurm/local.yaml")
+    _wait(run, _all_done, what="the chain to finish")
+    for stage in ("train_trunk", "train_decoder"):
+        ours, theirs = rundir.marker(run, stage), rundir.marker(local_run, stage)
+        assert ours["final_loss"] == theirs["final_loss"], stage
+        for name in ("model.safetensors", "ema.safetensors"):
+            a, b = load_file(run / stage / "export" / name), load_file(local_run / stage / "export" / name)
+            assert all((a[k] == b[k]).all() for k in a), (stage, name)
+    assert rundir.marker(run, "fid")["fid"] == rundir.marker(local_run, "fid")["fid"]
+    out = pixelgen("status", str(run)).stdout
+    assert out.count("done") == 4 and jobs["fid"]["job_id"] in out
+    # The secret reached the jobs (their first log line names it) and was written nowhere.
+    assert "secrets from the environment: WANDB_API_KEY" in _log(run)
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_two_ranks_under_srun_train_with_zero3(slurm, chain, tmp_path):
+    local_run, _ = chain
+    run = tmp_path / "run"
+    profile = _profile(tmp_path, tasks_per_node=2)
+    _submit(slurm, str(TINY), f"run_dir={run}", f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]",
+            "train_trunk.zero_stage=3", "--cluster", str(profile))
+    _wait(run, _all_done, what="the 2-rank job")
+    last = run / "train_trunk" / "checkpoints" / "step00000006"
+    assert json.loads((last / "COMPLETE.json").read_text())["world_size"] == 2
+    assert len(list(last.glob("*optim_states.pt"))) == 2  # each srun task saved its own ZeRO-3 shard
+    records = [json.loads(x) for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+
+
+def _progress(run_dir: Path) -> int:
+    path = run_dir / "train_trunk" / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def _restarts(job_id: str) -> tuple[str, int]:
+    (task,) = cluster.queue([job_id])[job_id]
+    return task["state"], task["restarts"]
+
+
+def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
+    local_run, _ = chain
+    steps = 400
+    args = [str(TINY), f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]",
+            f"train_trunk.steps={steps}", "train_trunk.ckpt_every=1000", "train_trunk.log_every=1"]
+    # The same run, uninterrupted, on this machine.
+    reference = tmp_path / "reference"
+    pixelgen("stage", "train_trunk", *args, f"run_dir={reference}")
+
+    run = tmp_path / "run"
+    _submit(slurm, *args, f"run_dir={run}", "--cluster", "local")
+    job = cluster.latest_jobs(cluster.read_record(run))["train_trunk"]["job_id"]
+    seen = 0
+    # Three interruptions in a row: USR2 as SLURM sends it before a time limit or on preemption (twice), then
+    # an administrator's `scontrol requeue` (SIGTERM to the tasks).
+    for n, interrupt in enumerate((["scancel", "--signal=USR2", job], ["scancel", "--signal=USR2", job],
+                                   ["scontrol", "requeue", job]), start=1):
+        _wait(run, lambda s: _progress(run) > seen + 3, timeout=300, what=f"training to progress before {n}")
+        subprocess.run(interrupt, check=True, timeout=60)
+        _wait(run, lambda s: _restarts(job)[1] >= n, timeout=300, what=f"requeue {n}")
+        seen = _progress(run)
+        assert seen < steps, "the run finished before it was interrupted: make the test's run longer"
+    states = _wait(run, _all_done, what="the requeued run to finish")
+    assert states["train_trunk"]["job_id"] == job  # the same job came back each time
+    log = _log(run)
+    assert log.count("requeueing job") >= 2  # the USR2 interruptions: saved, exit 75, requeued by the job script
+    assert log.count("from checkpoint step") >= 3
+    a, b = load_file(run / "train_trunk" / "export" / "model.safetensors"), \
+        load_file(reference / "train_trunk" / "export" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)
+    ema, ema_ref = load_file(run / "train_trunk" / "export" / "ema.safetensors"), \
+        load_file(reference / "train_trunk" / "export" / "ema.safetensors")
+    assert all((ema[k] == ema_ref[k]).all() for k in ema)
+
+
+def test_failed_stage_stops_its_dependants_and_resume_finishes(slurm, fake_imagenet, tmp_path):
+    run = tmp_path / "run"
+    # A training job that crashes at step 4 (as a node failure or an OOM kill would) after a checkpoint at 3.
+    env = {**os.environ, "PIXELGEN_FAULT": "step@4"}
+    _submit(slurm, *chain_args(run, fake_imagenet)[1:], "train_trunk.ckpt_every=3", "--cluster", "local", env=env)
+    first = cluster.latest_jobs(cluster.read_record(run))
+    states = _wait(run, lambda s: s["train_trunk"]["state"] == "failed" and s["fid"]["state"] == "not run",
+                   what="the trunk job to fail and its dependants to be dropped")
+    assert states["shard"]["state"] == "done" and states["train_decoder"]["state"] == "not run"
+    assert not (run / "train_decoder").exists()  # the dependants never started
+    status = pixelgen("status", str(run)).stdout
+    assert "failed" in status and first["train_trunk"]["job_id"] in status
+    log = states["train_trunk"]["log"]
+    assert Path(log).is_file() and log.endswith("_log.err")
+    shard_marker = (run / "shard" / "DONE.json").stat().st_mtime_ns
+
+    proc = pixelgen("resume", str(run))  # the cause is gone: this environment has no PIXELGEN_FAULT
+    slurm.append(run)
+    assert "shard" not in cluster.read_record(run)["submissions"][1]["jobs"]
+    assert first["train_trunk"]["job_id"] not in proc.stdout
+    _wait(run, _all_done, what="the resumed chain")
+    assert (run / "shard" / "DONE.json").stat().st_mtime_ns == shard_marker  # not run again
+    assert "from checkpoint step 3" in _log(run)
+
+
+def test_cancel_stops_the_run_and_it_stays_stopped(slurm, chain, tmp_path):
+    local_run, _ = chain
+    run = tmp_path / "run"
+    _submit(slurm, str(TINY), f"run_dir={run}", f"data.shard_dir={local_run / 'shard'}",
+            "stages=[train_trunk,fid]", "train_trunk.steps=100000", "train_trunk.log_every=1", "--cluster", "local")
+    _wait(run, lambda s: _progress(run) > 0, what="training to start")
+    proc = pixelgen("cancel", str(run))
+    jobs = cluster.latest_jobs(cluster.read_record(run))
+    assert jobs["train_trunk"]["job_id"] in proc.stdout and jobs["fid"]["job_id"] in proc.stdout
+    time.sleep(5)
+    states = _wait(run, lambda s: not cluster.active_jobs(run), timeout=120, what="the jobs to go")
+    assert states["train_trunk"]["state"] == "cancelled" and states["train_trunk"]["restarts"] == 0
+    assert not cluster.active_jobs(run)  # a cancel is not a preemption: nothing requeued itself
+    out = pixelgen("status", str(run)).stdout
+    assert "cancelled" in out and f"pixelgen resume {run}" in out
