@@ -202,6 +202,7 @@ def test_tiny_chain_under_sbatch_matches_the_local_executor(slurm, chain, fake_i
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_API_KEY": SECRET}
     proc = _submit(slurm, *chain_args(run, fake_imagenet)[1:], "--cluster", "local", env=env)
+    assert _states(run)["fid"]["state"] == "pending"  # queued at once, waiting on its dependency
     record = json.loads((run / cluster.RECORD).read_text())
     jobs = record["submissions"][0]["jobs"]
     assert set(jobs) == {"shard", "train_trunk", "train_decoder", "fid"} and jobs["shard"]["tasks"] == 2
@@ -272,6 +273,9 @@ def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
         _wait(run, lambda s: _progress(run) > seen + 3, timeout=300, what=f"training to progress before {n}")
         subprocess.run(interrupt, check=True, timeout=60)
         _wait(run, lambda s: _restarts(job)[1] >= n, timeout=300, what=f"requeue {n}")
+        if n == 1:  # (later, the run may already be over when we look)
+            row = _states(run)["train_trunk"]
+            assert row["state"] in ("requeued", "running") and "requeued 1x" in row["detail"], row
         seen = _progress(run)
         assert seen < steps, "the run finished before it was interrupted: make the test's run longer"
     states = _wait(run, _all_done, what="the requeued run to finish")
