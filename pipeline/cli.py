@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def cmd_run(args) -> int:
     from pipeline import rundir
 
     cfg = _load(args)
-    profile = _load_cluster(args.cluster, cfg) if args.cluster else None
+    profile = _load_cluster(args.cluster, cfg, args.dry_run) if args.cluster else None
     run_dir = rundir.prepare(cfg)
     if not args.dry_run:
         _refuse_if_busy(run_dir)
@@ -59,11 +60,14 @@ def _refuse_if_busy(run_dir: Path) -> None:
                           f"with `pixelgen status {run_dir}`, or `pixelgen cancel {run_dir}` first")
 
 
-def _load_cluster(name: str, cfg):
+def _load_cluster(name: str, cfg, dry_run: bool = False):
     """The profile, checked on its own and against the experiment, before anything is submitted."""
     from pipeline import cluster
 
     path, profile = cluster.load_profile(name)
+    if shutil.which("sbatch") is None and not dry_run:
+        raise ConfigError(f"--cluster {name} needs SLURM's sbatch on PATH: submit from a login node of the cluster "
+                          f"(or start the local one: sudo slurm/local/up); --dry-run writes the job scripts anyway")
     cluster.check_experiment(cfg, profile, f"{cfg.name} on cluster profile {path}")
     cluster.check_partitions(profile, path)
     return path, profile
