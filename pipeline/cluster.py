@@ -406,8 +406,8 @@ def _fmt_seconds(s: float) -> str:
 
 
 def stage_states(run_dir: Path, cfg) -> list[dict]:
-    """One row per stage: state (done, running, pending, requeued, failed, cancelled, not run, started,
-    not submitted), job id, elapsed time, log path and a detail, from the run record, squeue and the stage
+    """One row per stage: state (done, running, pending, requeued, failed, cancelled, not run; started or
+    pending for a local run; not submitted), job id, elapsed time, log path and a detail, from the run record, squeue and the stage
     markers. A stage's DONE marker wins over anything the queue says."""
     from pipeline import rundir
 
@@ -423,8 +423,9 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
                "restarts": 0}
         if m is not None:
             row.update(state="done", elapsed=_fmt_seconds(m.get("seconds", 0)))
-        elif job is None:
-            row["state"] = "started" if rundir.stage_dir(run_dir, stage).exists() else "not submitted"
+        elif job is None:  # a local run (no record), or a stage no submission included
+            started = rundir.stage_dir(run_dir, stage).exists()
+            row["state"] = "started" if started else ("not submitted" if record else "pending")
         else:
             jid = job["job_id"]
             tasks = q.get(jid, [])

@@ -142,6 +142,30 @@ def test_job_scripts_for_apptainer(tmp_path, fake_imagenet):
                          f"submitit.core._submit {run}/submitit/%j")
 
 
+def test_states_come_from_markers_results_and_the_record(tmp_path):
+    """Without the queue's help (jobs long gone from squeue): a DONE marker means done, submitit's error
+    result names the failure, a cancelled job stays cancelled, and what follows a failure did not run."""
+    import cloudpickle
+
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/data"])
+    run = rundir.prepare(cfg)
+    assert [r["state"] for r in cluster.stage_states(run, cfg)] == ["pending"] * 4  # a local run, not started
+    rundir.mark_done(run, "shard", {"seconds": 75})
+    jobs = {"shard": "990001", "train_trunk": "990002", "train_decoder": "990003", "fid": "990004"}
+    (run / cluster.RECORD).write_text(json.dumps({"cancelled": ["990004"], "submissions": [
+        {"jobs": {s: {"job_id": j, "tasks": 1} for s, j in jobs.items()}}]}))
+    result = run / "submitit" / "990002" / "990002_0_result.pkl"
+    result.parent.mkdir(parents=True)
+    result.write_bytes(cloudpickle.dumps(("error", "Traceback (most recent call last):\n  ...\n"
+                                                   "FileNotFoundError: key 'x' = '/nowhere': file does not exist\n")))
+    rows = {r["stage"]: r for r in cluster.stage_states(run, cfg)}
+    assert rows["shard"]["state"] == "done" and rows["shard"]["elapsed"] == "1:15"
+    assert rows["train_trunk"]["state"] == "failed"
+    assert rows["train_trunk"]["detail"] == "FileNotFoundError: key 'x' = '/nowhere': file does not exist"
+    assert rows["train_trunk"]["log"] == str(run / "submitit" / "990002" / "990002_0_log.err")
+    assert rows["train_decoder"]["state"] == "not run" and rows["fid"]["state"] == "cancelled"
+
+
 # ----------------------------------------------------------------------------------------- the live cluster
 @pytest.fixture(scope="module")
 def slurm():
