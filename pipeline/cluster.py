@@ -107,7 +107,7 @@ def profile_path(name: str) -> Path:
                       f"Copy slurm/example.yaml to slurm/{name}.yaml and edit it, or pass a path")
 
 
-def load_profile(name: str, overrides: dict | None = None) -> tuple[str, ClusterProfile]:
+def load_profile(name: str) -> tuple[str, ClusterProfile]:
     """Returns (the profile's path, the typed profile); every problem names the file and the key."""
     path = profile_path(name)
     try:
@@ -115,7 +115,7 @@ def load_profile(name: str, overrides: dict | None = None) -> tuple[str, Cluster
     except Exception as err:  # yaml errors
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ClusterProfile), loaded or {}, overrides or {})
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterProfile), loaded or {})
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = (getattr(err, "msg", None) or str(err)).split("\n")[0]
