@@ -441,6 +441,7 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
             elif states & ACTIVE:
                 requeued = row["restarts"] > 0 or states & {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
                 row["state"] = "requeued" if requeued else "pending"
+                row["elapsed"] = "" if row["elapsed"] in ("0:00", "") else row["elapsed"]
                 row["detail"] = ", ".join(sorted(r for r in reasons if r and r != "None"))
             elif jid in cancelled:
                 row["state"] = "cancelled"
