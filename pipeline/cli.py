@@ -40,6 +40,10 @@ def _load(args):
 def cmd_run(args) -> int:
     from pipeline import rundir
 
+    if args.dry_run and not args.cluster:
+        raise ConfigError("--dry-run writes SLURM job scripts: give it a cluster profile with --cluster NAME")
+    if args.cluster and args.executor != "local":
+        raise ConfigError(f"--executor {args.executor} runs on this machine and --cluster submits to SLURM: pick one")
     cfg = _load(args)
     profile = _load_cluster(args.cluster, cfg, args.dry_run) if args.cluster else None
     run_dir = rundir.prepare(cfg)

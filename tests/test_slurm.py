@@ -77,6 +77,14 @@ def test_batch_must_split_over_the_profiles_ranks(tmp_path, fake_imagenet):
     assert not (tmp_path / "run").exists()  # nothing prepared before the checks pass
 
 
+def test_dry_run_and_executor_options_need_the_right_partner(tmp_path):
+    # Without --cluster a "dry run" would otherwise run the whole chain for real.
+    proc = pixelgen("run", str(TINY), f"run_dir={tmp_path / 'run'}", "--dry-run", check=False)
+    assert proc.returncode == 2 and "--cluster NAME" in proc.stdout and not (tmp_path / "run").exists()
+    proc = pixelgen("run", str(TINY), "--executor", "debug", "--cluster", "local", check=False)
+    assert proc.returncode == 2 and "pick one" in proc.stdout
+
+
 def test_cluster_keys_moved_out_of_the_experiment():
     with pytest.raises(ConfigError, match=r"launch.train_trunk.partition' moved to the cluster profile"):
         load_config(TINY, ["launch.train_trunk.partition=gpu"])
