@@ -120,7 +120,7 @@ def _submit(cfg, run_dir: Path, profile_path: str, profile, command: str, dry_ru
     for col in ("stage", "job" if not dry_run else "job script", "ranks", "time limit"):
         table.add_column(col)
     for stage, job in jobs.items():
-        ranks = cluster.world_size(profile, stage) if stage in cluster.TRAIN_STAGES else 1
+        ranks = cluster.world_size(profile, stage)
         what = job.get("script") or (job["job_id"] + (f" (array of {job['tasks']})" if job["tasks"] > 1 else ""))
         table.add_row(stage, what, str(ranks), f"{getattr(profile.time_min, stage)} min")
     console.print(table)
@@ -259,8 +259,7 @@ def cmd_status(args) -> int:
         table.add_column(col, no_wrap=True)
     table.add_column("detail", overflow="fold")
     for row in rows:
-        stage = row["stage"]
-        m = rundir.marker(run_dir, stage)
+        stage, m = row["stage"], row["marker"]
         ckpt = CheckpointManager(rundir.stage_dir(run_dir, stage) / "checkpoints", 1, False).latest_complete()
         detail = row["detail"]
         if m and stage == "fid":

@@ -224,7 +224,7 @@ def container_mounts(cfg, run_dir: Path, p: ClusterProfile) -> list[str]:
             paths.append(Path(value).parent)
     paths += [Path(m).expanduser() for m in p.container.mounts]
     out: list[Path] = []
-    for path in sorted({Path(os.path.abspath(x)) for x in paths}, key=lambda x: len(x.parts)):
+    for path in sorted({Path(os.path.abspath(x)) for x in paths}, key=lambda x: (len(x.parts), str(x))):
         if not any(path == o or o in path.parents for o in out):
             out.append(path)
     return [str(x) for x in out]
@@ -349,7 +349,7 @@ FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADL
 
 
 def queue(job_ids: list[str]) -> dict[str, list[dict]]:
-    """{job id: [one dict per job (or array task): state, reason, elapsed, restarts]} for the jobs slurmctld
+    """{job id: [one dict per job (or array task): state, reason, seconds used, restarts]} for the jobs slurmctld
     still knows (pending, running, and finished ones for MinJobAge). squeue only: works without sacct."""
     if not job_ids or shutil.which("squeue") is None:
         return {}
@@ -363,7 +363,8 @@ def queue(job_ids: list[str]) -> dict[str, list[dict]]:
             continue
         array_id, task_id, state, reason, used, restarts = parts[:6]
         job = array_id if array_id in job_ids else task_id.split("_")[0]
-        found.setdefault(job, []).append({"id": task_id, "state": state, "reason": reason, "elapsed": used,
+        found.setdefault(job, []).append({"id": task_id, "state": state, "reason": reason,
+                                          "seconds": _squeue_seconds(used),
                                           "restarts": int(restarts) if restarts.isdigit() else 0})
     return found
 
@@ -400,15 +401,26 @@ def _log_error(log: Path) -> str | None:
     return hits[-1] if hits else None
 
 
+def _squeue_seconds(used: str) -> int:
+    """squeue's TimeUsed ([D-][H:]M:SS) in seconds; 0 when it is not a time."""
+    days, _, clock = used.rpartition("-")
+    try:
+        parts = [int(x) for x in clock.split(":")]
+        return int(days or 0) * 86400 + sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+    except ValueError:
+        return 0
+
+
 def _fmt_seconds(s: float) -> str:
+    """In squeue's own style (M:SS, H:MM:SS), so finished and running stages read alike in one column."""
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def stage_states(run_dir: Path, cfg) -> list[dict]:
     """One row per stage: state (done, running, pending, requeued, failed, cancelled, not run; started or
-    pending for a local run; not submitted), job id, elapsed time, log path and a detail, from the run record, squeue and the stage
-    markers. A stage's DONE marker wins over anything the queue says."""
+    pending for a local run; not submitted), job id, elapsed time, log path, a detail and the stage's marker,
+    from the run record, squeue and the stage markers. A DONE marker wins over anything the queue says."""
     from pipeline import rundir
 
     record = read_record(run_dir)
@@ -420,7 +432,7 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
         m = rundir.marker(run_dir, stage)
         job = jobs.get(stage)
         row = {"stage": stage, "job_id": job["job_id"] if job else None, "elapsed": "", "log": "", "detail": "",
-               "restarts": 0}
+               "restarts": 0, "marker": m}
         if m is not None:
             row.update(state="done", elapsed=_fmt_seconds(m.get("seconds", 0)))
         elif job is None:  # a local run (no record), or a stage no submission included
@@ -431,7 +443,8 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
             tasks = q.get(jid, [])
             states = {t["state"] for t in tasks}
             row["restarts"] = max((t["restarts"] for t in tasks), default=0)
-            row["elapsed"] = max((t["elapsed"] for t in tasks), default="", key=len)
+            used = max((t["seconds"] for t in tasks), default=0)
+            row["elapsed"] = _fmt_seconds(used) if used else ""
             failed_task = next((t["id"] for t in tasks if t["state"] in FAILED), None)
             row["log"] = str(_job_paths(run_dir, failed_task or (f"{jid}_0" if job.get("tasks", 1) > 1 else jid))
                              .stderr)
@@ -441,7 +454,6 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
             elif states & ACTIVE:
                 requeued = row["restarts"] > 0 or states & {"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
                 row["state"] = "requeued" if requeued else "pending"
-                row["elapsed"] = "" if row["elapsed"] in ("0:00", "") else row["elapsed"]
                 row["detail"] = ", ".join(sorted(r for r in reasons if r and r != "None"))
             elif jid in cancelled:
                 row["state"] = "cancelled"

@@ -145,7 +145,7 @@ def test_job_scripts_for_apptainer(tmp_path, fake_imagenet):
     run = tmp_path / "run"
     srun = next(line for line in s["train_decoder"].splitlines() if line.startswith("srun "))
     assert "--container-image" not in srun
-    binds = f"{run},{fake_imagenet}" if len(str(run)) <= len(str(fake_imagenet)) else f"{fake_imagenet},{run}"
+    binds = ",".join(str(x) for x in sorted((run, fake_imagenet), key=lambda x: (len(x.parts), str(x))))
     assert srun.endswith(f"apptainer exec --nv --bind {binds} {image} /opt/venv/bin/python -u -m "
                          f"submitit.core._submit {run}/submitit/%j")
 
