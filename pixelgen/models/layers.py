@@ -40,21 +40,29 @@ class RMSNorm(nn.Module):
         return (x_fp32 * self.weight.float()).type_as(x)
 
 
-def rope_2d(head_dim: int, h: int, w: int, *, theta: float = 10_000.0, extent: float = 16.0, device=None):
-    """cos/sin tables, each [h*w, head_dim/2], for an h x w token grid in row-major order.
+def rope_at(head_dim: int, rows_L, cols_L, *, theta: float = 10_000.0):
+    """cos/sin tables, each [L, head_dim/2], for tokens at explicit (row, col) coordinates (any real values).
 
-    The first half of the rotary pairs rotates with the row index, the second half with the column.
-    Positions are spread over a fixed `extent` whatever the grid size (PixelDiT's linspace(0, 16, n)),
-    so the angles a model sees do not grow with resolution.
+    The first half of the rotary pairs rotates with the row, the second half with the column.
     """
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
-    freqs_F = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float32, device=device) / head_dim)
-    rows_HWF = torch.linspace(0, extent, h, device=device)[:, None, None] * freqs_F
-    cols_HWF = torch.linspace(0, extent, w, device=device)[None, :, None] * freqs_F
-    angles_HWP = torch.cat([rows_HWF.expand(h, w, -1), cols_HWF.expand(h, w, -1)], dim=-1)
-    angles_LP = rearrange(angles_HWP, "h w p -> (h w) p")
+    rows_L = torch.as_tensor(rows_L, dtype=torch.float32)
+    cols_L = torch.as_tensor(cols_L, dtype=torch.float32, device=rows_L.device)
+    freqs_F = theta ** (-torch.arange(0, head_dim, 4, dtype=torch.float32, device=rows_L.device) / head_dim)
+    angles_LP = torch.cat([rows_L[:, None] * freqs_F, cols_L[:, None] * freqs_F], dim=-1)
     return angles_LP.cos(), angles_LP.sin()
+
+
+def rope_2d(head_dim: int, h: int, w: int, *, theta: float = 10_000.0, extent: float = 16.0, device=None):
+    """rope_at for an h x w token grid in row-major order.
+
+    Positions are spread over a fixed `extent` whatever the grid size (PixelDiT's linspace(0, 16, n)),
+    so the angles a model sees do not grow with resolution.
+    """
+    rows = torch.linspace(0, extent, h, device=device)[:, None].expand(h, w)
+    cols = torch.linspace(0, extent, w, device=device)[None, :].expand(h, w)
+    return rope_at(head_dim, rows.reshape(-1), cols.reshape(-1), theta=theta)
 
 
 def apply_rope(x, cos_LP, sin_LP):
@@ -95,11 +103,24 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, io_dim)
 
-    def forward(self, x_BLD, rope):
+    def forward(self, x_BLD, rope, *, causal: bool = False, cache: dict | None = None):
+        """`causal`: token i attends to tokens <= i. `cache` (causal only): a dict this layer keeps its keys and
+        values in; x_BLD are then the next tokens after those already cached (rope: their positions only)."""
         q, k, v = rearrange(self.qkv(x_BLD), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
-        o_BHLd = F.scaled_dot_product_attention(q, k, v)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        mask = None
+        if causal and q.shape[2] > 1:  # a single new token may see everything cached
+            Lq, Lk = q.shape[2], k.shape[2]
+            mask = torch.arange(Lk, device=q.device)[None] <= past + torch.arange(Lq, device=q.device)[:, None]
+        o_BHLd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(o_BHLd, "b h l d -> b l (h d)"))
 
 
@@ -161,3 +182,43 @@ class ClassEmbedder(nn.Module):
 
     def forward(self, y_B):
         return self.table(y_B)
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm causal transformer block (RMSNorm, qk-norm attention with RoPE, SwiGLU), no modulation: the
+    autoregressive levels take their condition as tokens."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_ratio)
+
+    def forward(self, x_BLD, rope, cache: dict | None = None):
+        x_BLD = x_BLD + self.attn(self.norm1(x_BLD), rope, causal=True, cache=cache)
+        return x_BLD + self.mlp(self.norm2(x_BLD))
+
+
+class CausalTransformer(nn.Module):
+    """`depth` causal blocks and a final norm. With `caches` (from `new_cache`), the tokens passed are the next
+    ones after those already seen, and each block keeps its keys and values: sampling step by step costs one
+    token's work per step instead of the whole prefix again."""
+
+    def __init__(self, *, dim: int, depth: int, heads: int, mlp_ratio: float, activation_checkpointing: bool = False):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.activation_checkpointing = activation_checkpointing
+        self.blocks = nn.ModuleList([CausalBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = RMSNorm(dim)
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.blocks]
+
+    def forward(self, x_BLD, rope, caches: list[dict] | None = None):
+        for i, block in enumerate(self.blocks):
+            if caches is None:
+                x_BLD = run_block(block, x_BLD, rope, checkpointing=self.activation_checkpointing)
+            else:
+                x_BLD = block(x_BLD, rope, caches[i])
+        return self.norm(x_BLD)
