@@ -65,6 +65,14 @@ class FlowMatching:
         one_minus_t = (1 - _broadcast_B(t_B, x_t_BCHW)).clamp_min(self.cfg.t_eps)
         return (pred_BCHW - x_t_BCHW) / one_minus_t
 
+    def velocity_loss(self, pred, x_t, t_B, x0, v_target):
+        """The regression loss of a prediction at (x_t, t) against the velocity target, in the objective's
+        parametrisation."""
+        # fp32 so that a bf16-autocast prediction does not quantise the regression error.
+        if self.cfg.kind == "x_pred":
+            v_target = self.to_velocity(x0.float(), x_t.float(), t_B)
+        return F.mse_loss(self.to_velocity(pred.float(), x_t.float(), t_B), v_target.float())
+
     def loss(self, model, x0_BCHW, y_B, generator=None, alignment=None):
         """(loss, detached logs). All randomness comes from `generator` when given (on x0's device), drawn in the
         order t, e, label drop. `alignment` (pixelgen.alignment.AlignmentLosses) adds REPA / the DINO student's
@@ -78,11 +86,7 @@ class FlowMatching:
             pred, features = model(x_t, t_B, y_B, return_features=True)
         else:
             pred = model(x_t, t_B, y_B)
-        # fp32 so that a bf16-autocast prediction does not quantise the regression error.
-        pred = pred.float()
-        if self.cfg.kind == "x_pred":
-            v_target = self.to_velocity(x0_BCHW.float(), x_t.float(), t_B)
-        loss = F.mse_loss(self.to_velocity(pred, x_t.float(), t_B), v_target.float())
+        loss = self.velocity_loss(pred, x_t, t_B, x0_BCHW, v_target)
         logs = {}
         if alignment:
             logs["fm_loss"] = loss.detach()
