@@ -8,13 +8,17 @@ from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
+from .ar_generator import ARGenerator, PatchDiffusionHead
 from .config import DecoderConfig, ModelConfig, TrunkConfig
 from .decoder import ADALN, ATTENTION, KINDS, PixelDecoder
 from .generator import PixelGenerator, repa_projector
+from .pixel_ar import CONTEXTS, OUTPUTS, PixelARDecoder
+from .semantic_ar import MODES, TARGETS, SemanticAR
 from .teachers import TEACHERS
 from .trunk import PatchTrunk, TrunkOutput
 
-TRUNK_KINDS = ("pixeldit", "dino_student")
+TRUNK_KINDS = ("pixeldit", "dino_student", "semantic_ar")
+DECODER_KINDS = (*KINDS, "pixel_ar")
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkCo
     def fail(key, value, why):
         raise ValueError(f"key 'model.{key}' = {value!r}: {why}")
 
-    choices = {"trunk.kind": (trunk.kind, TRUNK_KINDS), "decoder.kind": (dec.kind, KINDS),
+    choices = {"trunk.kind": (trunk.kind, TRUNK_KINDS), "decoder.kind": (dec.kind, DECODER_KINDS),
                "decoder.attention": (dec.attention, ATTENTION), "decoder.adaln": (dec.adaln, ADALN)}
     for key, (value, known) in choices.items():
         if value not in known:
@@ -78,6 +82,10 @@ def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkCo
                  f"the student needs a /{p} DINO encoder; with patch 16 use vit_small_patch16_dinov3")
         if trunk.student.lora_rank < 0:
             fail("trunk.student.lora_rank", trunk.student.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+    if trunk.kind == "semantic_ar":
+        _check_ar(model_cfg, trunk, dec, fail)
+    elif dec.kind == "pixel_ar":
+        fail("decoder.kind", dec.kind, "the pixel AR decoder needs the semantic AR trunk: set model.trunk.kind=semantic_ar")
     # 2D RoPE splits each head into row and column halves of rotary pairs.
     if trunk.dim % trunk.heads or (trunk.dim // trunk.heads) % 4:
         fail("trunk.heads", trunk.heads, f"must divide model.trunk.dim={trunk.dim} into heads of a multiple of 4")
@@ -86,6 +94,9 @@ def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkCo
         if width % dec.heads or (width // dec.heads) % 4:
             fail("decoder.heads", dec.heads,
                  f"must divide the decoder's attention width {width} (decoder.attn_dim) into heads of a multiple of 4")
+    if dec.kind == "pixel_ar" and (dec.pixel_dim % dec.heads or (dec.pixel_dim // dec.heads) % 4):
+        fail("decoder.heads", dec.heads,
+             f"must divide the pixel AR's width model.decoder.pixel_dim={dec.pixel_dim} into heads of a multiple of 4")
     if dec.kind != "mlp" and dec.pixel_dim % 4:
         fail("decoder.pixel_dim", dec.pixel_dim, "must be a multiple of 4 (2D sin-cos pixel positions)")
     if dec.mlp_hidden is not None and dec.mlp_hidden <= 0:
@@ -101,20 +112,60 @@ def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkCo
     return trunk, dec
 
 
-def build_generator(model_cfg: ModelConfig, resolution: int, *, pretrained: bool = True) -> PixelGenerator:
-    """`pretrained=False` skips loading teacher weights into a DINO student (for weights loaded on top)."""
-    trunk_cfg, dec_cfg = check_model_config(model_cfg, resolution)
-    common = dict(dim=trunk_cfg.dim, depth=trunk_cfg.depth, heads=trunk_cfg.heads, mlp_ratio=trunk_cfg.mlp_ratio,
-                  num_classes=model_cfg.num_classes, activation_checkpointing=trunk_cfg.activation_checkpointing)
-    if trunk_cfg.kind == "pixeldit":
-        trunk = PatchTrunk(patch_size=trunk_cfg.patch_size, **common)
-    else:
-        from .student import DinoStudentTrunk  # imports timm
+def _check_ar(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfig, fail) -> None:
+    ar = trunk.ar
+    choices = {"trunk.ar.mode": (ar.mode, MODES), "trunk.ar.target": (ar.target, TARGETS),
+               "decoder.pixel_ar.output": (dec.pixel_ar.output, OUTPUTS),
+               "decoder.pixel_ar.context": (dec.pixel_ar.context, CONTEXTS)}
+    for key, (value, known) in choices.items():
+        if value not in known:
+            fail(key, value, f"must be one of {', '.join(known)}")
+    if ar.mode == "discrete" and ar.target != "teacher":
+        fail("trunk.ar.target", ar.target, "the discrete mode's dictionary comes from the teacher: use target=teacher")
+    if ar.mode == "discrete" and ar.dict_size < 2:
+        fail("trunk.ar.dict_size", ar.dict_size, "must be at least 2 (the published setting is 4096)")
+    if ar.kmeans_images < 1 or ar.kmeans_iters < 1:
+        fail("trunk.ar.kmeans_images", ar.kmeans_images, "kmeans_images and kmeans_iters must be positive")
+    if ar.z_dim <= 0:
+        fail("trunk.ar.z_dim", ar.z_dim, "must be positive")
+    if ar.teacher.name not in TEACHERS:
+        fail("trunk.ar.teacher.name", ar.teacher.name, f"must be one of {', '.join(TEACHERS)}")
+    if dec.pixel_ar.mixtures < 1:
+        fail("decoder.pixel_ar.mixtures", dec.pixel_ar.mixtures, "must be at least 1")
+    if model_cfg.repa.weight > 0:
+        fail("repa.weight", model_cfg.repa.weight, "REPA aligns a diffusion trunk; the semantic AR learns the "
+             "teacher's features directly: set model.repa.weight=0")
 
-        trunk = DinoStudentTrunk(student=trunk_cfg.student, pretrained=pretrained, **common)
-    decoder = PixelDecoder(
+
+def z_width(model_cfg: ModelConfig) -> int:
+    """The width of the semantic AR's z: the teacher's feature width, or trunk.ar.z_dim without a teacher."""
+    ar = model_cfg.trunk.ar
+    if ar.mode == "continuous" and ar.target == "end_to_end":
+        return ar.z_dim
+    return TEACHERS[ar.teacher.name].dim
+
+
+def _build_ar(model_cfg: ModelConfig, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig, resolution: int) -> ARGenerator:
+    p = trunk_cfg.patch_size
+    grid = (resolution // p, resolution // p)
+    ar, z_dim = trunk_cfg.ar, z_width(model_cfg)
+    trunk = SemanticAR(patch_size=p, grid=grid, dim=trunk_cfg.dim, depth=trunk_cfg.depth, heads=trunk_cfg.heads,
+                       mlp_ratio=trunk_cfg.mlp_ratio, num_classes=model_cfg.num_classes, mode=ar.mode,
+                       dict_size=ar.dict_size, z_dim=z_dim, activation_checkpointing=trunk_cfg.activation_checkpointing)
+    if dec_cfg.kind == "pixel_ar":
+        decoder = PixelARDecoder(patch_size=p, grid=grid, z_dim=z_dim, dim=dec_cfg.pixel_dim, depth=dec_cfg.depth,
+                                 heads=dec_cfg.heads, mlp_ratio=dec_cfg.mlp_ratio, output=dec_cfg.pixel_ar.output,
+                                 mixtures=dec_cfg.pixel_ar.mixtures, context=dec_cfg.pixel_ar.context,
+                                 activation_checkpointing=dec_cfg.activation_checkpointing)
+    else:
+        decoder = PatchDiffusionHead(_pixel_decoder(p, trunk_cfg, dec_cfg), z_dim=z_dim, dim=trunk_cfg.dim)
+    return ARGenerator(trunk, decoder, num_classes=model_cfg.num_classes, resolution=resolution)
+
+
+def _pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig) -> PixelDecoder:
+    return PixelDecoder(
         kind=dec_cfg.kind,
-        patch_size=trunk_cfg.patch_size,
+        patch_size=patch_size,
         cond_dim=trunk_cfg.dim,
         pixel_dim=dec_cfg.pixel_dim,
         depth=dec_cfg.depth,
@@ -125,6 +176,23 @@ def build_generator(model_cfg: ModelConfig, resolution: int, *, pretrained: bool
         adaln=dec_cfg.adaln,
         activation_checkpointing=dec_cfg.activation_checkpointing,
     )
+
+
+def build_generator(model_cfg: ModelConfig, resolution: int, *,
+                    pretrained: bool = True) -> PixelGenerator | ARGenerator:
+    """`pretrained=False` skips loading teacher weights into a DINO student (for weights loaded on top)."""
+    trunk_cfg, dec_cfg = check_model_config(model_cfg, resolution)
+    if trunk_cfg.kind == "semantic_ar":
+        return _build_ar(model_cfg, trunk_cfg, dec_cfg, resolution)
+    common = dict(dim=trunk_cfg.dim, depth=trunk_cfg.depth, heads=trunk_cfg.heads, mlp_ratio=trunk_cfg.mlp_ratio,
+                  num_classes=model_cfg.num_classes, activation_checkpointing=trunk_cfg.activation_checkpointing)
+    if trunk_cfg.kind == "pixeldit":
+        trunk = PatchTrunk(patch_size=trunk_cfg.patch_size, **common)
+    else:
+        from .student import DinoStudentTrunk  # imports timm
+
+        trunk = DinoStudentTrunk(student=trunk_cfg.student, pretrained=pretrained, **common)
+    decoder = _pixel_decoder(trunk_cfg.patch_size, trunk_cfg, dec_cfg)
     projector, repa_block = None, None
     if model_cfg.repa.weight > 0:
         repa_block = model_cfg.repa.block
@@ -139,6 +207,7 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 __all__ = [
+    "ARGenerator",
     "SIZES",
     "TEACHERS",
     "ModelSize",
@@ -149,5 +218,6 @@ __all__ = [
     "build_generator",
     "check_model_config",
     "count_params",
+    "z_width",
     "resolve_size",
 ]

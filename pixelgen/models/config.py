@@ -36,9 +36,26 @@ class StudentConfig:
 
 
 @dataclass
+class SemanticARConfig:
+    """Methods B and C, first level: a causal transformer over the patches (raster order, class token first) that
+    predicts the semantic condition z of the next patch."""
+
+    # discrete: logits over a dictionary of `dict_size` teacher features (k-means), z = the chosen entry
+    # continuous: z is a feature regressed to the teacher's (target teacher) or learned through the decoder
+    mode: str = "discrete"
+    target: str = "teacher"  # continuous only: teacher | end_to_end (no teacher; z_dim wide, trained by the decoder)
+    dict_size: int = 4096
+    kmeans_images: int = 1000  # training images whose teacher patch features the trunk stage clusters
+    kmeans_iters: int = 25
+    z_dim: int = 64  # end_to_end only; otherwise z has the teacher's width
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="vit_small_patch16_dinov3"))
+
+
+@dataclass
 class TrunkConfig:
     # pixeldit: patch-level DiT (RMSNorm, qk-norm, 2D RoPE, SwiGLU, adaLN-Zero)
     # dino_student: the DINOv3 student as input encoder, then `depth` of the same DiT blocks (patch_size 16)
+    # semantic_ar: causal transformer over patches, the semantic level of methods B and C (`ar`)
     kind: str = "pixeldit"
     size: Optional[str] = None  # named size from the registry (e.g. "tiny", "B", "L", "XL"); overrides dims
     patch_size: int = 16
@@ -48,6 +65,18 @@ class TrunkConfig:
     mlp_ratio: float = 4.0
     activation_checkpointing: bool = False  # recompute each block in backward instead of storing its activations
     student: StudentConfig = field(default_factory=StudentConfig)  # used by kind dino_student
+    ar: SemanticARConfig = field(default_factory=SemanticARConfig)  # used by kind semantic_ar
+
+
+@dataclass
+class PixelARConfig:
+    """Method B, second level: causal over the pixels of a patch (raster order), conditioned on z."""
+
+    output: str = "categorical"  # categorical: 256-way per channel, channel-autoregressive | logistic: mixture
+    mixtures: int = 10  # logistic only: components per channel (PixelCNN++)
+    # Already generated pixels the decoder also sees: none | prev (the previous patch in raster order) |
+    # window (left, up-left, up and up-right neighbours)
+    context: str = "none"
 
 
 @dataclass
@@ -55,6 +84,8 @@ class DecoderConfig:
     # pit: PixelDiT PiT blocks (AdaLN + attention + per-pixel MLP)
     # mlp: attention-free per-pixel MLP blocks with in-patch DCT position features (DeCo-like)
     # mixer: MLP-mixer blocks, a token-mixing MLP across the pixels of a patch plus a per-pixel MLP
+    # pixel_ar: causal transformer over the pixels of a patch (method B; widths pixel_dim, depth, heads)
+    # With trunk kind semantic_ar, pit/mlp/mixer denoise each patch as a MAR-style diffusion head (method C).
     kind: str = "pit"
     pixel_dim: int = 16
     depth: int = 2
@@ -70,6 +101,7 @@ class DecoderConfig:
     # factored: one per-pixel condition embedding for the decoder, a small per-pixel AdaLN in each block (DeCo)
     adaln: str = "pixel"
     activation_checkpointing: bool = False  # recompute each block in backward (pixel activations are large)
+    pixel_ar: PixelARConfig = field(default_factory=PixelARConfig)  # used by kind pixel_ar
 
 
 @dataclass
@@ -91,6 +123,8 @@ class ObjectiveConfig:
     time_shift: float = 1.0
     t_eps: float = 0.05  # x_pred: 1 - t is clamped to at least t_eps, in the loss and when sampling
     noise_scale: float = 1.0  # std of the noise (JiT: 1 at 256 px, 2 at 512)
+    diffusion_batch_mul: int = 4  # AR + diffusion: noise draws per patch and step (MAR)
+    semantic_weight: float = 1.0  # semantic AR: weight of its loss when it trains with the decoder
 
 
 @dataclass
@@ -100,3 +134,15 @@ class SamplerConfig:
     cfg_scale: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     time_shift: float = 1.0
+    # Semantic AR families (methods B and C). Which condition the unconditional branch removes:
+    # z: the decoder's prediction given z from the AR with the class vs with the null class (cfg_scale)
+    # semantic: the AR's logits (or continuous z) mixed before the decoder (semantic_cfg_scale)
+    # decoder: the decoder given z vs its learned null condition (cfg_scale)
+    # both: semantic (semantic_cfg_scale), then decoder (cfg_scale)
+    guidance: str = "z"
+    semantic_cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"  # constant | linear: 1 + (scale - 1) * (patches so far) / patches (MAR)
+    temperature: float = 1.0  # decoder level: divides the pixel logits, or scales the diffusion head's noise
+    semantic_temperature: float = 1.0  # divides the dictionary logits (discrete)
+    top_k: int = 0  # discrete: sample among the k most likely entries (0 = all)
+    kv_cache: bool = True

@@ -1,0 +1,90 @@
+"""Methods B and C as one generator: the semantic AR trunk plus a decoder conditioned on its z per patch.
+
+- method B: `PixelARDecoder` (pixel_ar.py);
+- method C: `PatchDiffusionHead`, a MAR-style per-patch denoiser made of the diffusion model zoo's decoder
+  blocks (pit / mlp / mixer): the 16x16x3 patch is one 768-value target, denoised given z.
+The loss and the samplers live in pixelgen/ar.py, apart from the networks.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from einops import rearrange
+
+from .layers import TimestepEmbedder
+from .pixel_ar import to_values
+from .semantic_ar import SemanticAR
+
+
+class PatchDiffusionHead(nn.Module):
+    """forward(x_t [N, 3, p, p], t [N], c [N, dim]) -> the prediction for each patch (velocity or x0, as the
+    objective says). `net` is a PixelDecoder over single-patch images whose per-patch condition is
+    SiLU(t_emb + c), c = the projected z (or the learned null condition)."""
+
+    def __init__(self, net: nn.Module, *, z_dim: int, dim: int):
+        super().__init__()
+        self.net = net
+        self.t_embed = TimestepEmbedder(dim)
+        self.z_proj = nn.Linear(z_dim, dim)
+        self.null_cond = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
+
+    def condition(self, z_NZ: torch.Tensor, drop_N: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.z_proj(z_NZ)
+        if drop_N is not None:
+            c = torch.where(drop_N[:, None], self.null_cond.to(c.dtype).expand_as(c), c)
+        return c
+
+    def null_condition(self, n: int) -> torch.Tensor:
+        return self.null_cond[None].expand(n, -1)
+
+    def forward(self, x_N3pp: torch.Tensor, t_N: torch.Tensor, c_ND: torch.Tensor) -> torch.Tensor:
+        cond = F.silu(self.t_embed(t_N) + c_ND)[:, None]  # [N, 1, dim]: one patch per "image"
+        return self.net(x_N3pp, cond)
+
+
+class ARGenerator(nn.Module):
+    """`trunk` (SemanticAR) and `decoder` (PixelARDecoder or PatchDiffusionHead); the decoder stage trains
+    `decoder.*` with the trunk frozen, as for the diffusion families. forward is the teacher-forced pass that
+    pixelgen.ar's `ARObjective.loss` drives (through the DeepSpeed engine); `pixelgen.ar.generate` samples."""
+
+    family = "ar"
+
+    def __init__(self, trunk: SemanticAR, decoder: nn.Module, *, num_classes: int, resolution: int):
+        super().__init__()
+        self.trunk = trunk
+        self.decoder = decoder
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        self.resolution = resolution
+        self.patch_size = trunk.patch_size
+
+    @property
+    def method(self) -> str:
+        return "diffusion" if isinstance(self.decoder, PatchDiffusionHead) else "pixel_ar"
+
+    def forward(self, x_BCHW, y_B, *, semantic: bool, decoder: bool, z=None, drop=None, x_t=None, t=None) -> dict:
+        """Teacher-forced outputs. semantic: "semantic" = the AR's head per patch [B, L, K or z_dim].
+        decoder: given z per patch [B*L, z_dim] (None: the AR's own continuous output) and `drop` [B*L] (rows
+        that get the null condition): "logp" [B*L, P, 3], each pixel channel's log-probability (pixel AR), or
+        "pred" for the noisy patches x_t [m*B*L, 3, p, p] at times t, m noise draws per patch (diffusion)."""
+        out = {}
+        if semantic:
+            out["semantic"] = self.trunk.head(self.trunk(x_BCHW, y_B))
+        if not decoder:
+            return out
+        if z is None:
+            z = out["semantic"].flatten(0, 1)
+        c = self.decoder.condition(z, drop)
+        if self.method == "diffusion":
+            out["pred"] = self.decoder(x_t, t, c.repeat(x_t.shape[0] // c.shape[0], 1))
+            return out
+        p, L = self.patch_size, self.trunk.num_patches
+        values = rearrange(to_values(x_BCHW), "b c (h p1) (w p2) -> b (h w) (p1 p2) c", p1=p, p2=p)
+        ctx, inside = self.decoder.context(values, torch.arange(L, device=values.device))
+        B = values.shape[0]
+        h = self.decoder(values.flatten(0, 1), c, ctx.flatten(0, 1), inside.repeat(B, 1))
+        out["logp"] = self.decoder.log_prob(h, values.flatten(0, 1))
+        return out
