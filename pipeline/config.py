@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pixelgen.ar import CFG_SCHEDULES, GUIDANCE, needs_teacher
 from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.diffusion import OBJECTIVES, SAMPLERS
@@ -152,6 +153,24 @@ def validate(cfg, source: str = "config") -> None:
         fail("sampler.steps", cfg.sampler.steps, "must be positive")
     if len(cfg.sampler.cfg_interval) != 2 or not 0 <= cfg.sampler.cfg_interval[0] <= cfg.sampler.cfg_interval[1] <= 1:
         fail("sampler.cfg_interval", list(cfg.sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
+    if cfg.sampler.guidance not in GUIDANCE:
+        fail("sampler.guidance", cfg.sampler.guidance, f"must be one of {', '.join(GUIDANCE)}")
+    if cfg.sampler.cfg_schedule not in CFG_SCHEDULES:
+        fail("sampler.cfg_schedule", cfg.sampler.cfg_schedule, f"must be one of {', '.join(CFG_SCHEDULES)}")
+    for key in ("temperature", "semantic_temperature"):
+        if cfg.sampler[key] <= 0:
+            fail(f"sampler.{key}", cfg.sampler[key], "must be positive (1 = the model's distribution)")
+    if cfg.sampler.top_k < 0:
+        fail("sampler.top_k", cfg.sampler.top_k, "must be >= 0 (0 = all entries)")
+    if cfg.objective.diffusion_batch_mul < 1:
+        fail("objective.diffusion_batch_mul", cfg.objective.diffusion_batch_mul, "must be at least 1")
+    if cfg.model.trunk.kind == "semantic_ar" and cfg.model.trunk.ar.mode == "discrete":
+        patches = (res // cfg.model.trunk.patch_size) ** 2
+        ar = cfg.model.trunk.ar
+        if ar.kmeans_images * patches < ar.dict_size:
+            fail("model.trunk.ar.kmeans_images", ar.kmeans_images,
+                 f"k-means needs at least dict_size={ar.dict_size} features and each image gives {patches}: "
+                 f"use at least {-(-ar.dict_size // patches)} images")
     if cfg.objective.kind not in OBJECTIVES:
         fail("objective.kind", cfg.objective.kind, f"must be one of {', '.join(OBJECTIVES)}")
     for key in ("t_std", "t_eps", "noise_scale", "time_shift"):
@@ -163,7 +182,11 @@ def validate(cfg, source: str = "config") -> None:
         teachers.append(("model.repa.teacher", cfg.model.repa.teacher))
     if cfg.model.trunk.kind == "dino_student":  # the student is initialised from its teacher's weights
         teachers.append(("model.trunk.student.teacher", cfg.model.trunk.student.teacher))
-    for key, teacher in teachers if trains_trunk else ():
+    teachers = teachers if trains_trunk else []
+    trains_ar = cfg.model.trunk.kind == "semantic_ar" and stages & {"train_trunk", "train_decoder"}
+    if trains_ar and needs_teacher(OmegaConf.to_object(cfg.model)):  # its targets, in both training stages
+        teachers.append(("model.trunk.ar.teacher", cfg.model.trunk.ar.teacher))
+    for key, teacher in teachers:
         try:
             check_teacher_weights(teacher, key)
         except (ValueError, FileNotFoundError) as err:

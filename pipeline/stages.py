@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from pipeline import rundir
 from pipeline.config import ConfigError, to_container
+from pixelgen import ar as ar_lib
 from pixelgen.alignment import AlignmentLosses
 from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
+from pixelgen.data.loader import to_float
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.engine.dist import init_distributed
 from pixelgen.engine.export import load_weights
@@ -65,13 +68,33 @@ def stage_shard(cfg, run_dir: Path, task: int | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- training
+def _is_ar(cfg) -> bool:
+    """Methods B and C: the semantic AR trunk, whose objective and sampler live in pixelgen.ar."""
+    return cfg.model.trunk.kind == "semantic_ar"
+
+
+def _end_to_end(cfg) -> bool:
+    ar = cfg.model.trunk.ar
+    return ar.mode == "continuous" and ar.target == "end_to_end"
+
+
 def _objective(cfg) -> FlowMatching:
     return FlowMatching(cfg.objective, cfg.model.num_classes, cfg.model.class_dropout)
 
 
+def _sampler(cfg):
+    """(model, labels, generator) -> images in [-1, 1], with the config's sampler, for any family."""
+    if _is_ar(cfg):
+        return lambda model, y, g: ar_lib.generate(model, y, cfg.sampler, objective=cfg.objective, generator=g).images
+    objective = _objective(cfg)
+    shape = (3, cfg.data.resolution, cfg.data.resolution)
+    return lambda model, y, g: sample(model, y, shape=shape, cfg=cfg.sampler, num_classes=cfg.model.num_classes,
+                                      generator=g, objective=objective)
+
+
 def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
     """A class-balanced grid: `per_class` images for each of the first classes, fixed noise every time."""
-    objective = _objective(cfg)
+    draw = _sampler(cfg)
 
     def fn(model) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -80,22 +103,32 @@ def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         was_training = model.training
         model.eval()
-        x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
-                   num_classes=cfg.model.num_classes, generator=g, objective=objective)
+        x = draw(model, y, g)
         model.train(was_training)
         return to_uint8(x)
 
     return fn
 
 
+def _loss_fn(cfg, stage: str, model_cfg, device, align_trunk: bool):
+    """The stage's loss: flow matching (+ alignment where the trunk trains), or the AR families' objective for
+    the levels this stage trains."""
+    if _is_ar(cfg):
+        tc = cfg[stage]
+        train_semantic = stage == "train_trunk" or not tc.freeze_trunk
+        train_decoder = stage == "train_decoder" or _end_to_end(cfg)  # end to end: z has no other target
+        return ar_lib.ARObjective(model_cfg, cfg.objective, cfg.data.resolution, device,
+                                  train_semantic=train_semantic, train_decoder=train_decoder).loss
+    objective = _objective(cfg)
+    alignment = AlignmentLosses(model_cfg, cfg.data.resolution, device) if align_trunk else None
+    return lambda m, x, y: objective.loss(m, x, y, alignment=alignment)
+
+
 def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk: bool, lr_of=None) -> dict:
     """`align_trunk`: the trunk trains here, so REPA and the DINO student's alignment loss apply."""
     tc = cfg[stage]
-    objective = _objective(cfg)
     model_cfg = OmegaConf.to_object(cfg.model)
-    alignment = None
-    if align_trunk:
-        alignment = AlignmentLosses(model_cfg, cfg.data.resolution, init_distributed().device)
+    loss_fn = _loss_fn(cfg, stage, model_cfg, init_distributed().device, align_trunk)
     shards_dir = shard_dir(cfg, run_dir)
     data_shards.shard_paths(shards_dir, "train")  # fail before DeepSpeed starts when the train split is missing
 
@@ -105,8 +138,7 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
                                              shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch,
                                              resolution=cfg.data.resolution))
 
-    task = TrainTask(make_model=make_model, trainable=trainable,
-                     loss_fn=lambda m, x, y: objective.loss(m, x, y, alignment=alignment),
+    task = TrainTask(make_model=make_model, trainable=trainable, loss_fn=loss_fn,
                      sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=lr_of)
     plain = to_container(cfg)
     result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,
@@ -124,12 +156,48 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
             "curves": str(rundir.stage_dir(run_dir, stage) / "curves.png")}
 
 
+def _dictionary(cfg, run_dir: Path) -> Path:
+    """The discrete semantic AR's dictionary: k-means over the teacher's patch features of a sample of the
+    training set, computed once by rank 0 and kept next to the stage's checkpoints (a restarted stage reads it
+    back), then carried in the model's weights."""
+    path = rundir.stage_dir(run_dir, "train_trunk") / "dictionary.safetensors"
+    dist = init_distributed()
+    if dist.is_main and not path.is_file():
+        ar = cfg.model.trunk.ar
+        t0 = time.time()
+        batch = min(64, ar.kmeans_images)
+        images = data_loader.train_loader(shard_dir(cfg, run_dir), batch, seed=cfg.train_trunk.seed + 1, rank=0,
+                                          world_size=1, num_workers=cfg.data.num_workers,
+                                          shuffle_buffer=cfg.data.shuffle_buffer, resolution=cfg.data.resolution)
+        with console.status(f"dictionary: teacher features of {ar.kmeans_images} images, k-means into "
+                            f"{ar.dict_size} entries"):
+            entries = ar_lib.build_dictionary(OmegaConf.to_object(cfg.model), cfg.data.resolution,
+                                              (to_float(x) for x, _ in images), dist.device, seed=cfg.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({"dictionary": entries.contiguous()}, tmp))
+        console.print(f"dictionary: {ar.dict_size} entries from {ar.kmeans_images} images in "
+                      f"{time.time() - t0:.1f} s -> {path}", soft_wrap=True)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return path
+
+
 def stage_train_trunk(cfg, run_dir: Path) -> dict:
     _checked_manifest(cfg, run_dir)
-    def make_model():
-        return build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+    dictionary = None
+    if _is_ar(cfg) and cfg.model.trunk.ar.mode == "discrete":
+        dictionary = load_file(_dictionary(cfg, run_dir))["dictionary"]
 
-    return _train(cfg, run_dir, "train_trunk", make_model, trainable=lambda name: True, align_trunk=True)
+    def make_model():
+        model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+        if dictionary is not None:
+            model.trunk.dictionary.copy_(dictionary)
+        return model
+
+    # The AR families' trunk stage trains the semantic AR alone, unless z is learned through the decoder.
+    trains_all = not _is_ar(cfg) or _end_to_end(cfg)
+    trainable = (lambda name: True) if trains_all else (lambda name: name.startswith("trunk."))
+    return _train(cfg, run_dir, "train_trunk", make_model, trainable=trainable, align_trunk=True)
 
 
 def _load_generator(cfg, path: Path):
@@ -199,14 +267,13 @@ def stage_fid(cfg, run_dir: Path) -> dict:
     n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
     labels = torch.arange(n_cls).repeat_interleave(per)
     g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
-    objective = _objective(cfg)
+    draw = _sampler(cfg)
     chunks = []
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"sampling {labels.numel()} images", total=labels.numel())
         for i in range(0, labels.numel(), cfg.fid.batch_size):
             y = labels[i:i + cfg.fid.batch_size].to(dist.device)
-            x = sample(model, y, shape=(3, cfg.data.resolution, cfg.data.resolution), cfg=cfg.sampler,
-                       num_classes=n_cls, generator=g, objective=objective)
+            x = draw(model, y, g)
             chunks.append(to_uint8(x).cpu())
             bar.advance(task, y.numel())
     images = torch.cat(chunks)
