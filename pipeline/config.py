@@ -162,6 +162,8 @@ def validate(cfg, source: str = "config") -> None:
             fail(f"sampler.{key}", cfg.sampler[key], "must be positive (1 = the model's distribution)")
     if cfg.sampler.top_k < 0:
         fail("sampler.top_k", cfg.sampler.top_k, "must be >= 0 (0 = all entries)")
+    if cfg.objective.decoder_patches < 0:
+        fail("objective.decoder_patches", cfg.objective.decoder_patches, "must be >= 0 (0 = every patch)")
     if cfg.objective.diffusion_batch_mul < 1:
         fail("objective.diffusion_batch_mul", cfg.objective.diffusion_batch_mul, "must be at least 1")
     if cfg.model.trunk.kind == "semantic_ar" and cfg.model.trunk.ar.mode == "discrete":

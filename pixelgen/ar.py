@@ -141,11 +141,16 @@ class ARObjective:
         y_in = self.flow.drop_labels(y_B, generator)
         kwargs = {}
         if self.train_decoder:
-            drop = torch.rand(B * L, device=device, generator=generator) < self.flow.class_dropout
-            kwargs.update(z=None if z_from_trunk else z_true.flatten(0, 1), drop=drop)
+            # The decoder learns from `decoder_patches` random patches of each image (all when 0).
+            n = self.cfg.decoder_patches if 0 < self.cfg.decoder_patches < L else L
+            sel = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)[:, :n]
+            batch = torch.arange(B, device=device)[:, None]
+            drop = torch.rand(B * n, device=device, generator=generator) < self.flow.class_dropout
+            kwargs.update(z=None if z_from_trunk else z_true[batch, sel].flatten(0, 1), drop=drop, patches=sel)
             if module.method == "diffusion":
                 p, mul = module.patch_size, self.cfg.diffusion_batch_mul
-                x0_N = rearrange(x0_BCHW, "b c (h p1) (w p2) -> (b h w) c p1 p2", p1=p, p2=p).repeat(mul, 1, 1, 1)
+                x0_N = rearrange(x0_BCHW, "b c (h p1) (w p2) -> b (h w) c p1 p2", p1=p, p2=p)[batch, sel]
+                x0_N = x0_N.flatten(0, 1).repeat(mul, 1, 1, 1)
                 t = self.flow.sample_t(x0_N.shape[0], device, generator)
                 e = torch.randn(x0_N.shape, device=device, dtype=x0_N.dtype, generator=generator) * self.cfg.noise_scale
                 x_t, v_target = self.flow.interpolate(x0_N, e, t)
@@ -248,8 +253,8 @@ def _pixel_ar_patch(dec, conds, scale, values_BLP3, i, cfg, generator, use_cache
     """The pixels of patch i [B, P, 3] and the log-probability of the values drawn [B]."""
     n, B = len(conds), conds[0].shape[0]
     c = torch.cat(conds)
-    ctx, inside = dec.context(values_BLP3, torch.tensor([i], device=c.device))
-    ctx, inside = ctx[:, 0].repeat(n, 1, 1, 1), inside.expand(n * B, -1)
+    ctx, inside = dec.context(values_BLP3, torch.full((B, 1), i, device=c.device))
+    ctx, inside = ctx[:, 0].repeat(n, 1, 1, 1), inside[:, 0].repeat(n, 1)
     rope = dec.rope()
     caches = dec.new_cache() if use_cache else None
     tokens = [dec.prefix_tokens(c, ctx, inside)]

@@ -65,26 +65,32 @@ class ARGenerator(nn.Module):
     def method(self) -> str:
         return "diffusion" if isinstance(self.decoder, PatchDiffusionHead) else "pixel_ar"
 
-    def forward(self, x_BCHW, y_B, *, semantic: bool, decoder: bool, z=None, drop=None, x_t=None, t=None) -> dict:
+    def forward(self, x_BCHW, y_B, *, semantic: bool, decoder: bool, z=None, drop=None, x_t=None, t=None,
+                patches=None) -> dict:
         """Teacher-forced outputs. semantic: "semantic" = the AR's head per patch [B, L, K or z_dim].
-        decoder: given z per patch [B*L, z_dim] (None: the AR's own continuous output) and `drop` [B*L] (rows
-        that get the null condition): "logp" [B*L, P, 3], each pixel channel's log-probability (pixel AR), or
-        "pred" for the noisy patches x_t [m*B*L, 3, p, p] at times t, m noise draws per patch (diffusion)."""
+        decoder, on the patches `patches` [B, n] of each image (None: all, n = L): given their z [B*n, z_dim]
+        (None: the AR's own continuous output) and `drop` [B*n] (rows that get the null condition): "logp"
+        [B*n, P, 3], each pixel channel's log-probability (pixel AR), or "pred" for the noisy patches x_t
+        [m*B*n, 3, p, p] at times t, m noise draws per patch (diffusion)."""
         out = {}
         if semantic:
             out["semantic"] = self.trunk.head(self.trunk(x_BCHW, y_B))
         if not decoder:
             return out
+        B, L = x_BCHW.shape[0], self.trunk.num_patches
+        if patches is None:
+            patches = torch.arange(L, device=x_BCHW.device).expand(B, L)
+        batch = torch.arange(B, device=x_BCHW.device)[:, None]
         if z is None:
-            z = out["semantic"].flatten(0, 1)
+            z = out["semantic"][batch, patches].flatten(0, 1)
         c = self.decoder.condition(z, drop)
         if self.method == "diffusion":
             out["pred"] = self.decoder(x_t, t, c.repeat(x_t.shape[0] // c.shape[0], 1))
             return out
-        p, L = self.patch_size, self.trunk.num_patches
+        p = self.patch_size
         values = rearrange(to_values(x_BCHW), "b c (h p1) (w p2) -> b (h w) (p1 p2) c", p1=p, p2=p)
-        ctx, inside = self.decoder.context(values, torch.arange(L, device=values.device))
-        B = values.shape[0]
-        h = self.decoder(values.flatten(0, 1), c, ctx.flatten(0, 1), inside.repeat(B, 1))
-        out["logp"] = self.decoder.log_prob(h, values.flatten(0, 1))
+        ctx, inside = self.decoder.context(values, patches)
+        own = values[batch, patches].flatten(0, 1)
+        h = self.decoder(own, c, ctx.flatten(0, 1), inside.flatten(0, 1))
+        out["logp"] = self.decoder.log_prob(h, own)
         return out

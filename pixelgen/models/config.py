@@ -124,6 +124,9 @@ class ObjectiveConfig:
     t_eps: float = 0.05  # x_pred: 1 - t is clamped to at least t_eps, in the loss and when sampling
     noise_scale: float = 1.0  # std of the noise (JiT: 1 at 256 px, 2 at 512)
     diffusion_batch_mul: int = 4  # AR + diffusion: noise draws per patch and step (MAR)
+    # Semantic AR families: the decoder trains on this many random patches of each image (0 = all of them);
+    # its cost per image is linear in it, and at 256 patches per ImageNet image all of them rarely pay off.
+    decoder_patches: int = 0
     semantic_weight: float = 1.0  # semantic AR: weight of its loss when it trains with the decoder
 
 

@@ -115,22 +115,24 @@ class PixelARDecoder(nn.Module):
         offsets = torch.arange(3, device=values_N3.device) * LEVELS
         return self.value_embed(values_N3 + offsets).sum(-2)
 
-    def context(self, values_BLP3: torch.Tensor, patches: torch.Tensor):
-        """The context slots of the given patch indices from an image's values [B, L, P, 3] (patch-major):
-        ([B, n, S, P, 3] values, [n, S] inside the image). Slots outside the image hold zeros."""
+    def context(self, values_BLP3: torch.Tensor, patches_Bn: torch.Tensor):
+        """The context slots of patches `patches_Bn` (indices per image [B, n]) from the images' values
+        [B, L, P, 3] (patch-major): ([B, n, S, P, 3] values, [B, n, S] inside the image). Slots outside the
+        image hold zeros."""
         gh, gw = self.grid
-        rows, cols = patches // gw, patches % gw
+        B, n = patches_Bn.shape
+        rows, cols = patches_Bn // gw, patches_Bn % gw
+        batch = torch.arange(B, device=patches_Bn.device)[:, None]
         vals, inside = [], []
         for dr, dc in self.slots:
             r, c = rows + dr, cols + dc
             ok = (r >= 0) & (c >= 0) & (c < gw)
             idx = torch.where(ok, r * gw + c, torch.zeros_like(r))
-            vals.append(values_BLP3[:, idx] * ok[None, :, None, None])
+            vals.append(values_BLP3[batch, idx] * ok[..., None, None])
             inside.append(ok)
         if not vals:
-            B, n = values_BLP3.shape[0], patches.numel()
-            return values_BLP3.new_zeros(B, n, 0, self.pixels, 3), torch.zeros(n, 0, dtype=torch.bool)
-        return torch.stack(vals, 2), torch.stack(inside, 1)
+            return values_BLP3.new_zeros(B, n, 0, self.pixels, 3), torch.zeros(B, n, 0, dtype=torch.bool)
+        return torch.stack(vals, 2), torch.stack(inside, 2)
 
     def context_tokens(self, ctx_NSP3: torch.Tensor, inside_NS: torch.Tensor) -> torch.Tensor:
         S = ctx_NSP3.shape[1]
