@@ -149,6 +149,8 @@ def print_summary(run_dir: Path, cfg, wall: float) -> None:
         else:
             name = "proxy-FID" if m.get("proxy") else "FID"
             result = f"{name} = {m.get('fid', float('nan')):.3f}, IS = {m.get('isc_mean', float('nan')):.3f}"
+            if m.get("best"):
+                result += f"; sweep best {m['best']['fid']:.3f} with {m['best']['sampler']}"
         table.add_row(stage, f"{m.get('seconds', 0):.0f} s", result)
     console.print(table)
     fid = rundir.marker(run_dir, "fid") if "fid" in cfg.stages else None

@@ -147,21 +147,12 @@ def validate(cfg, source: str = "config") -> None:
         raise ConfigError(f"{source}: {err}") from None
     if not 0.0 <= cfg.model.class_dropout < 1.0:
         fail("model.class_dropout", cfg.model.class_dropout, "must be in [0, 1)")
-    if cfg.sampler.kind not in SAMPLERS:
-        fail("sampler.kind", cfg.sampler.kind, f"must be one of {', '.join(SAMPLERS)}")
-    if cfg.sampler.steps <= 0:
-        fail("sampler.steps", cfg.sampler.steps, "must be positive")
-    if len(cfg.sampler.cfg_interval) != 2 or not 0 <= cfg.sampler.cfg_interval[0] <= cfg.sampler.cfg_interval[1] <= 1:
-        fail("sampler.cfg_interval", list(cfg.sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
-    if cfg.sampler.guidance not in GUIDANCE:
-        fail("sampler.guidance", cfg.sampler.guidance, f"must be one of {', '.join(GUIDANCE)}")
-    if cfg.sampler.cfg_schedule not in CFG_SCHEDULES:
-        fail("sampler.cfg_schedule", cfg.sampler.cfg_schedule, f"must be one of {', '.join(CFG_SCHEDULES)}")
-    for key in ("temperature", "semantic_temperature"):
-        if cfg.sampler[key] <= 0:
-            fail(f"sampler.{key}", cfg.sampler[key], "must be positive (1 = the model's distribution)")
-    if cfg.sampler.top_k < 0:
-        fail("sampler.top_k", cfg.sampler.top_k, "must be >= 0 (0 = all entries)")
+    _check_sampler(cfg.sampler, "sampler", fail)
+    for entry, sampler in sweep_points(cfg, source):
+        def fail_entry(key: str, value: Any, why: str, entry=entry):
+            raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: {key} = {value!r}: {why}")
+
+        _check_sampler(sampler, "sampler", fail_entry)
     if cfg.objective.decoder_patches < 0:
         fail("objective.decoder_patches", cfg.objective.decoder_patches, "must be >= 0 (0 = every patch)")
     if cfg.objective.diffusion_batch_mul < 1:
@@ -240,6 +231,39 @@ def validate(cfg, source: str = "config") -> None:
         fail("fid.samples_per_class", cfg.fid.samples_per_class, "must be positive")
     if cfg.logging.wandb not in ("offline", "online", "disabled"):
         fail("logging.wandb", cfg.logging.wandb, "must be offline, online or disabled")
+
+
+def _check_sampler(sampler, key: str, fail) -> None:
+    if sampler.kind not in SAMPLERS:
+        fail(f"{key}.kind", sampler.kind, f"must be one of {', '.join(SAMPLERS)}")
+    if sampler.steps <= 0:
+        fail(f"{key}.steps", sampler.steps, "must be positive")
+    if len(sampler.cfg_interval) != 2 or not 0 <= sampler.cfg_interval[0] <= sampler.cfg_interval[1] <= 1:
+        fail(f"{key}.cfg_interval", list(sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
+    if sampler.guidance not in GUIDANCE:
+        fail(f"{key}.guidance", sampler.guidance, f"must be one of {', '.join(GUIDANCE)}")
+    if sampler.cfg_schedule not in CFG_SCHEDULES:
+        fail(f"{key}.cfg_schedule", sampler.cfg_schedule, f"must be one of {', '.join(CFG_SCHEDULES)}")
+    for name in ("temperature", "semantic_temperature"):
+        if sampler[name] <= 0:
+            fail(f"{key}.{name}", sampler[name], "must be positive (1 = the model's distribution)")
+    if sampler.top_k < 0:
+        fail(f"{key}.top_k", sampler.top_k, "must be >= 0 (0 = all entries)")
+
+
+def sweep_points(cfg, source: str = "config") -> list[tuple[str, Any]]:
+    """(entry, sampler config) for each entry of fid.sweep: the run's sampler with the entry's keys set."""
+    points = []
+    for entry in cfg.fid.sweep:
+        items = entry.split()
+        if not items or any("=" not in item for item in items):
+            raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: write space-separated sampler keys, "
+                              f"e.g. \"guidance=semantic semantic_cfg_scale=2.0\"")
+        try:
+            points.append((entry, OmegaConf.merge(cfg.sampler, OmegaConf.from_dotlist(items))))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"{source}: key 'fid.sweep' entry {entry!r}") from None
+    return points
 
 
 def to_yaml(cfg) -> str:

@@ -4,6 +4,7 @@ stage resumes from what is on disk."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from pipeline import rundir
-from pipeline.config import ConfigError, to_container
+from pipeline.config import ConfigError, sweep_points, to_container
 from pixelgen import ar as ar_lib
 from pixelgen.alignment import AlignmentLosses
 from pixelgen.data import loader as data_loader
@@ -82,13 +83,15 @@ def _objective(cfg) -> FlowMatching:
     return FlowMatching(cfg.objective, cfg.model.num_classes, cfg.model.class_dropout)
 
 
-def _sampler(cfg):
-    """(model, labels, generator) -> images in [-1, 1], with the config's sampler, for any family."""
+def _sampler(cfg, sampler_cfg=None):
+    """(model, labels, generator) -> images in [-1, 1], for any family, with `sampler_cfg` (default: the
+    config's sampler)."""
+    sampler_cfg = cfg.sampler if sampler_cfg is None else sampler_cfg
     if _is_ar(cfg):
-        return lambda model, y, g: ar_lib.generate(model, y, cfg.sampler, objective=cfg.objective, generator=g).images
+        return lambda model, y, g: ar_lib.generate(model, y, sampler_cfg, objective=cfg.objective, generator=g).images
     objective = _objective(cfg)
     shape = (3, cfg.data.resolution, cfg.data.resolution)
-    return lambda model, y, g: sample(model, y, shape=shape, cfg=cfg.sampler, num_classes=cfg.model.num_classes,
+    return lambda model, y, g: sample(model, y, shape=shape, cfg=sampler_cfg, num_classes=cfg.model.num_classes,
                                       generator=g, objective=objective)
 
 
@@ -233,6 +236,7 @@ def _generator_weights(cfg, run_dir: Path) -> Path:
 
 def stage_fid(cfg, run_dir: Path) -> dict:
     from rich.progress import Progress
+    from rich.table import Table
 
     manifest = _checked_manifest(cfg, run_dir)
     out = rundir.stage_dir(run_dir, "fid")
@@ -266,30 +270,54 @@ def stage_fid(cfg, run_dir: Path) -> dict:
     model = _load_generator(cfg, gen_path).to(dist.device).eval()
     n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
     labels = torch.arange(n_cls).repeat_interleave(per)
-    g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
-    draw = _sampler(cfg)
-    chunks = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"sampling {labels.numel()} images", total=labels.numel())
-        for i in range(0, labels.numel(), cfg.fid.batch_size):
-            y = labels[i:i + cfg.fid.batch_size].to(dist.device)
-            x = draw(model, y, g)
-            chunks.append(to_uint8(x).cpu())
-            bar.advance(task, y.numel())
-    images = torch.cat(chunks)
+    show = min(per, 8)
+    grid_idx = torch.cat([torch.arange(c * per, c * per + show) for c in range(min(n_cls, 16))])
+
+    def score(sampler_cfg, what: str) -> tuple[torch.Tensor, dict]:
+        g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
+        draw = _sampler(cfg, sampler_cfg)
+        chunks = []
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"sampling {labels.numel()} images{what}", total=labels.numel())
+            for i in range(0, labels.numel(), cfg.fid.batch_size):
+                y = labels[i:i + cfg.fid.batch_size].to(dist.device)
+                chunks.append(to_uint8(draw(model, y, g)).cpu())
+                bar.advance(task, y.numel())
+        images = torch.cat(chunks)
+        feats = extractor.extract([images[i:i + cfg.fid.batch_size] for i in range(0, len(images), cfg.fid.batch_size)],
+                                  progress=True)
+        return images, fid_lib.compute_metrics(feats, ref_stats)
+
+    images, metrics = score(cfg.sampler, "")
     # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators.
     def write_npz(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object, or numpy appends ".npz" to the temporary name
             np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
 
     atomic_write(out / "samples.npz", write_npz)
-    show = min(per, 8)
-    grid_idx = torch.cat([torch.arange(c * per, c * per + show) for c in range(min(n_cls, 16))])
     grid = save_grid(images[grid_idx], out / "samples.png", nrow=show)
 
-    feats = extractor.extract([images[i:i + cfg.fid.batch_size] for i in range(0, len(images), cfg.fid.batch_size)],
-                              progress=True)
-    metrics = fid_lib.compute_metrics(feats, ref_stats)
+    # The sweep's points, each kept as it finishes so a restarted stage goes on from the next one.
+    sweep = [{"sampler": "", "fid": metrics["fid"], "isc_mean": metrics["isc_mean"], "sample_grid": str(grid)}]
+    points = sweep_points(cfg)
+    for k, (entry, sampler_cfg) in enumerate(points, start=1):
+        point_path = out / "sweep" / f"point{k:03d}.json"
+        done = json.loads(point_path.read_text()) if point_path.is_file() else None
+        if done is None or done["sampler"] != entry:
+            point_images, point_metrics = score(sampler_cfg, f" ({entry}; sweep {k}/{len(points)})")
+            point_grid = save_grid(point_images[grid_idx], out / "sweep" / f"point{k:03d}.png", nrow=show)
+            done = {"sampler": entry, "fid": point_metrics["fid"], "isc_mean": point_metrics["isc_mean"],
+                    "sample_grid": str(point_grid)}
+            atomic_write_json(point_path, done)
+        sweep.append(done)
+    if points:
+        table = Table(title=f"{proto['metric_name']} sweep ({len(images)} images each)")
+        for col in ("sampler", proto["metric_name"], "IS"):
+            table.add_column(col)
+        for row in sweep:
+            table.add_row(row["sampler"] or "(config)", f"{row['fid']:.3f}", f"{row['isc_mean']:.3f}")
+        console.print(table)
+
     proto = {**proto, "num_gen": len(images), "num_ref": num_ref}
     result = {
         "metric_name": proto["metric_name"],
@@ -300,10 +328,15 @@ def stage_fid(cfg, run_dir: Path) -> dict:
         "sampler": to_container(cfg.sampler),
         "samples_npz": str(out / "samples.npz"),
         "sample_grid": str(grid),
+        **({"sweep": sweep} if points else {}),
     }
     atomic_write_json(out / "metrics.json", result)
-    return {"metric_name": proto["metric_name"], "proxy": is_proxy, "fid": metrics["fid"],
-            "isc_mean": metrics["isc_mean"], "metrics": str(out / "metrics.json"), "sample_grid": str(grid)}
+    summary = {"metric_name": proto["metric_name"], "proxy": is_proxy, "fid": metrics["fid"],
+               "isc_mean": metrics["isc_mean"], "metrics": str(out / "metrics.json"), "sample_grid": str(grid)}
+    if points:
+        best = min(sweep, key=lambda row: row["fid"])
+        summary["best"] = {"sampler": best["sampler"] or "(config)", "fid": best["fid"]}
+    return summary
 
 
 STAGE_FUNCTIONS = {

@@ -1,6 +1,6 @@
 """Typed config for evaluation (FID / IS through torch-fidelity's InceptionV3)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -17,3 +17,6 @@ class FIDConfig:
     reference_split: str = "val"
     ema: bool = True  # sample from the EMA weights
     seed: int = 0
+    # More sampler settings to score after `sampler`'s, against the same reference statistics: each entry is
+    # space-separated sampler keys, e.g. "guidance=semantic semantic_cfg_scale=2.0" or "cfg_scale=1.5".
+    sweep: list[str] = field(default_factory=list)
