@@ -74,7 +74,7 @@ class PixelARConfig:
 
     output: str = "categorical"  # categorical: 256-way per channel, channel-autoregressive | logistic: mixture
     mixtures: int = 10  # logistic only: components per channel (PixelCNN++)
-    # Already generated pixels the decoder also sees: none | prev (the previous patch in raster order) |
+    # Already generated pixels the decoder also sees: none | prev (the left neighbour, none in the first column) |
     # window (left, up-left, up and up-right neighbours)
     context: str = "none"
 
