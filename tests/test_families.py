@@ -87,7 +87,10 @@ def test_dino_student_family_trains_in_the_stages(tmp_path, fake_imagenet):
 
 @pytest.mark.parametrize("name,published", [("pixeldit_b", 184e6), ("pixeldit_xl_repa", 797e6),
                                             ("dino_student_s", None), ("demo", None), ("tiny", None),
-                                            ("tiny_repa", None), ("tiny_student", None)])
+                                            ("tiny_repa", None), ("tiny_student", None),
+                                            ("dual_ar_discrete_b", None), ("dual_ar_continuous_b", None),
+                                            ("ar_diffusion_b", None), ("tiny_dual_ar_discrete", None),
+                                            ("tiny_dual_ar_continuous", None), ("tiny_ar_diffusion", None)])
 def test_every_example_config_loads_and_builds(name, published):
     # Teacher files are not here: a random teacher stands in (what the config would load is checked elsewhere).
     overrides = ["data.imagenet_dir=/x", "data.shard_dir=/x"]
@@ -96,6 +99,8 @@ def test_every_example_config_loads_and_builds(name, published):
         overrides += ["model.repa.teacher.weights=null", "model.repa.teacher.allow_random_init=true"]
     if OmegaConf.select(raw, "model.trunk.kind") == "dino_student":
         overrides += ["model.trunk.student.teacher.weights=null", "model.trunk.student.teacher.allow_random_init=true"]
+    if OmegaConf.select(raw, "model.trunk.kind") == "semantic_ar":
+        overrides += ["model.trunk.ar.teacher.weights=null", "model.trunk.ar.teacher.allow_random_init=true"]
     cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
     with torch.device("meta"):
         model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
@@ -103,3 +108,41 @@ def test_every_example_config_loads_and_builds(name, published):
         # The published count is the generator alone; REPA's projector is a training aid on top.
         n = count_params(model) - (count_params(model.projector) if model.projector is not None else 0)
         assert abs(n - published) / published < 0.02, n
+
+
+# Methods B and C through the real command, each tiny config exercising another corner: a discrete AR with its
+# k-means dictionary + categorical pixel AR with window context (z guidance); a continuous AR learned end to end
+# + logistic pixel AR with the left neighbour (semantic guidance); a discrete AR + per-patch diffusion head (both).
+AR_CONFIGS = {"tiny_dual_ar_discrete": ("semantic_ce", "bits_per_dim"),
+              "tiny_dual_ar_continuous": ("bits_per_dim", "bits_per_dim"),  # end to end: the decoder trains z
+              "tiny_ar_diffusion": ("semantic_ce", "diffusion_loss")}
+
+
+@pytest.mark.parametrize("name", list(AR_CONFIGS))
+def test_semantic_ar_families_train_and_evaluate_in_the_stages(name, tmp_path, tiny_shards):
+    trunk_term, decoder_term = AR_CONFIGS[name]
+    run_dir = tmp_path / "run"
+    sweep = ["fid.sweep=[guidance=decoder cfg_scale=2.0]"] if name == "tiny_ar_diffusion" else []
+    proc = pixelgen("run", str(CONFIGS / f"{name}.yaml"), f"run_dir={run_dir}", f"data.shard_dir={tiny_shards}",
+                    "stages=[train_trunk,train_decoder,fid]", *sweep, "--executor", "local")
+    for stage in ("train_trunk", "train_decoder", "fid"):
+        assert (run_dir / stage / "DONE.json").is_file(), proc.stdout
+    assert all(trunk_term in r for r in _metrics(run_dir, "train_trunk"))
+    assert all(decoder_term in r for r in _metrics(run_dir, "train_decoder"))
+    trunk = load_file(run_dir / "train_trunk" / "export" / "ema.safetensors")
+    dec = load_file(run_dir / "train_decoder" / "export" / "model.safetensors")
+    for k in trunk:
+        if k.startswith("trunk."):
+            assert torch.equal(trunk[k], dec[k]), k  # the semantic AR is frozen in the decoder stage
+    assert any(not torch.equal(trunk[k], dec[k]) for k in trunk if k.startswith("decoder."))
+    if "discrete" in OmegaConf.load(CONFIGS / f"{name}.yaml").model.trunk.ar.mode:
+        # The k-means dictionary built in the trunk stage travels inside the weights, unchanged.
+        entries = load_file(run_dir / "train_trunk" / "dictionary.safetensors")["dictionary"]
+        assert entries.shape == (8, 384) and entries.abs().sum() > 0
+        assert torch.equal(dec["trunk.dictionary"], entries)
+    metrics = json.loads((run_dir / "fid" / "metrics.json").read_text())
+    assert metrics["fid"] > 0
+    if sweep:
+        assert [row["sampler"] for row in metrics["sweep"]] == ["", "guidance=decoder cfg_scale=2.0"]
+        assert metrics["sweep"][0]["fid"] == metrics["fid"] and metrics["sweep"][1]["fid"] > 0
+        assert "sweep best" in proc.stdout
