@@ -194,7 +194,8 @@ def stage_train_trunk(cfg, run_dir: Path) -> dict:
     def make_model():
         model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
         if dictionary is not None:
-            model.trunk.dictionary.copy_(dictionary)
+            with torch.no_grad():
+                model.trunk.dictionary.copy_(dictionary)
         return model
 
     # The AR families' trunk stage trains the semantic AR alone, unless z is learned through the decoder.

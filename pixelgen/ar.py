@@ -31,7 +31,7 @@ from einops import rearrange
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 from pixelgen.models.pixel_ar import to_values
-from pixelgen.models.semantic_ar import kmeans, nearest_entry
+from pixelgen.models.semantic_ar import kmeans
 
 GUIDANCE = ("z", "semantic", "decoder", "both")
 CFG_SCHEDULES = ("constant", "linear")
@@ -118,6 +118,7 @@ class ARObjective:
                  train_semantic: bool, train_decoder: bool):
         ar = model_cfg.trunk.ar
         self.mode, self.end_to_end = ar.mode, ar.mode == "continuous" and ar.target == "end_to_end"
+        self.learned_dictionary = ar.mode == "discrete" and ar.dictionary == "learned"
         self.train_semantic, self.train_decoder = train_semantic, train_decoder
         self.flow = FlowMatching(objective_cfg, model_cfg.num_classes, model_cfg.class_dropout)
         self.cfg = objective_cfg
@@ -127,42 +128,39 @@ class ARObjective:
         module = getattr(model, "module", model)  # a DeepSpeed engine wraps the generator
         B, device = x0_BCHW.shape[0], x0_BCHW.device
         L = module.trunk.num_patches
-        feats = idx = z_true = None
-        if self.teacher is not None:
-            feats = self.teacher(x0_BCHW)  # [B, L, Dt]
-            if self.mode == "discrete":
-                idx = nearest_entry(feats.flatten(0, 1), module.trunk.dictionary).view(B, L)
-                z_true = module.trunk.dictionary[idx]
-            else:
-                z_true = feats
+        feats = self.teacher(x0_BCHW) if self.teacher is not None else None  # [B, L, Dt]
         # z from the AR itself where there is no target (end_to_end) or where the decoder trains the AR with it.
         z_from_trunk = self.train_decoder and (self.end_to_end or (self.mode == "continuous" and self.train_semantic))
-        run_trunk = self.train_semantic or z_from_trunk
         y_in = self.flow.drop_labels(y_B, generator)
         kwargs = {}
         if self.train_decoder:
             # The decoder learns from `decoder_patches` random patches of each image (all when 0).
             n = self.cfg.decoder_patches if 0 < self.cfg.decoder_patches < L else L
             sel = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)[:, :n]
-            batch = torch.arange(B, device=device)[:, None]
             drop = torch.rand(B * n, device=device, generator=generator) < self.flow.class_dropout
-            kwargs.update(z=None if z_from_trunk else z_true[batch, sel].flatten(0, 1), drop=drop, patches=sel)
+            kwargs.update(drop=drop, patches=sel)
             if module.method == "diffusion":
                 p, mul = module.patch_size, self.cfg.diffusion_batch_mul
+                batch = torch.arange(B, device=device)[:, None]
                 x0_N = rearrange(x0_BCHW, "b c (h p1) (w p2) -> b (h w) c p1 p2", p1=p, p2=p)[batch, sel]
                 x0_N = x0_N.flatten(0, 1).repeat(mul, 1, 1, 1)
                 t = self.flow.sample_t(x0_N.shape[0], device, generator)
                 e = torch.randn(x0_N.shape, device=device, dtype=x0_N.dtype, generator=generator) * self.cfg.noise_scale
                 x_t, v_target = self.flow.interpolate(x0_N, e, t)
                 kwargs.update(x_t=x_t, t=t)
-        out = model(x0_BCHW, y_in, semantic=run_trunk, decoder=self.train_decoder, **kwargs)
+        out = model(x0_BCHW, y_in, semantic=self.train_semantic, decoder=self.train_decoder, features=feats,
+                    z_from_trunk=z_from_trunk, **kwargs)
         loss = x0_BCHW.new_zeros((), dtype=torch.float32)
         logs = {}
         if self.train_semantic and not self.end_to_end:
             s = out["semantic"].float()
             if self.mode == "discrete":
-                term = F.cross_entropy(s.flatten(0, 1), idx.flatten())
+                term = F.cross_entropy(s.flatten(0, 1), out["targets"].flatten())
                 logs["semantic_ce"] = term.detach()
+                if self.learned_dictionary:  # VQ-VAE's codebook loss: each used entry moves toward its features
+                    codebook = F.mse_loss(out["entries"].float(), feats)
+                    logs["codebook_mse"] = codebook.detach()
+                    term = term + codebook
             else:
                 term = F.mse_loss(s, feats)
                 logs["semantic_mse"] = term.detach()
@@ -304,18 +302,14 @@ def log_likelihood(model, x_BCHW: torch.Tensor, y_B: torch.Tensor, indices: torc
     """Teacher-forced log p(indices, pixels | y) per image [B] in nats: the dictionary indices' log-probs
     (discrete; `indices` [B, L] are the entries the sequence used) plus every pixel channel's (pixel AR). With
     guidance off and temperatures 1 it equals the sum of the draws' log-probs along the sampling path."""
-    trunk = model.trunk
-    B = x_BCHW.shape[0]
-    s = model(x_BCHW, y_B, semantic=True, decoder=False)["semantic"].float()
-    total = torch.zeros(B, device=x_BCHW.device)
-    if trunk.mode == "discrete":
-        total += F.log_softmax(s, -1).gather(-1, indices[..., None])[..., 0].sum(1)
-        z = trunk.dictionary[indices]
-    else:
-        z = s
-    if model.method == "pixel_ar":
-        logp = model(x_BCHW, y_B, semantic=False, decoder=True, z=z.flatten(0, 1))["logp"]
-        total += logp.reshape(B, -1).sum(1)
+    discrete = model.trunk.mode == "discrete"
+    out = model(x_BCHW, y_B, semantic=True, decoder=model.method == "pixel_ar", indices=indices,
+                z_from_trunk=not discrete)
+    total = torch.zeros(x_BCHW.shape[0], device=x_BCHW.device)
+    if discrete:
+        total += F.log_softmax(out["semantic"].float(), -1).gather(-1, indices[..., None])[..., 0].sum(1)
+    if "logp" in out:
+        total += out["logp"].reshape(x_BCHW.shape[0], -1).sum(1)
     return total
 
 

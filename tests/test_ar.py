@@ -108,7 +108,8 @@ def test_semantic_ar_output_at_position_i_sees_only_patches_before_i():
 
 # -------------------------------------------------------------------------------------------- 2. pixel AR causality
 def decoder_logp(m, x, z):
-    return m(x, labels(x.shape[0]), semantic=False, decoder=True, z=z)["logp"]
+    """Each pixel channel's log-prob, every patch conditioned on the dictionary entry z [B, L] names."""
+    return m(x, labels(x.shape[0]), semantic=False, decoder=True, indices=z)["logp"]
 
 
 @torch.no_grad()
@@ -116,7 +117,7 @@ def test_pixel_ar_pixel_j_sees_only_earlier_pixels_of_its_patch():
     m = ar_model()
     x = uint8_images()
     B, L, Pix = 2, m.trunk.num_patches, P * P
-    z = torch.randn(B * L, m.trunk.z_dim, generator=torch.Generator().manual_seed(3))
+    z = torch.randint(0, m.trunk.dictionary.shape[0], (B, L), generator=torch.Generator().manual_seed(3))
     logp = decoder_logp(m, x, z)
     assert logp.shape == (B * L, Pix, 3)
     k = 6  # patch 6 of image 0: row 6 of logp
@@ -186,7 +187,7 @@ def test_pixel_ar_context_reaches_exactly_the_patches_that_have_it_as_neighbour(
     m = ar_model(context=context)
     x = uint8_images()
     B, L, gw = 2, m.trunk.num_patches, RES // P
-    z = torch.randn(B * L, m.trunk.z_dim, generator=torch.Generator().manual_seed(3))
+    z = torch.randint(0, m.trunk.dictionary.shape[0], (B, L), generator=torch.Generator().manual_seed(3))
     logp = decoder_logp(m, x, z)
     for k in (3, 4, 5):  # the end of row 0 (no right neighbour), the start of row 1, an interior patch
         x2 = x.clone()
@@ -593,3 +594,56 @@ def test_dictionary_is_saved_and_restored_with_the_weights():
     assert torch.equal(fresh.trunk.dictionary, m.trunk.dictionary), "loading the weights did not restore it"
     # A continuous trunk has no dictionary.
     assert "trunk.dictionary" not in build_generator(ar_config(mode="continuous"), RES).state_dict()
+
+
+# ------------------------------------------------------------------------------- training both levels, subsets
+def test_learned_dictionary_trains_through_the_codebook_loss_and_kmeans_stays_fixed():
+    x, y = uint8_images(B=2), labels(2)
+    objective_cfg = ObjectiveConfig()
+    learned = ar_config()
+    learned.trunk.ar.dictionary = "learned"
+    for cfg, trains in ((ar_config(), False), (learned, True)):
+        torch.manual_seed(0)
+        m = build_generator(cfg, RES)
+        with torch.no_grad():
+            m.trunk.dictionary.copy_(torch.randn_like(m.trunk.dictionary))
+        assert ("trunk.dictionary" in dict(m.named_parameters())) == trains
+        assert "trunk.dictionary" in m.state_dict()
+        obj = ar.ARObjective(cfg, objective_cfg, RES, "cpu", train_semantic=True, train_decoder=False)
+        loss, logs = obj.loss(m, x, y)
+        assert ("codebook_mse" in logs) == trains
+        if not trains:
+            continue
+        loss.backward()
+        grad = m.trunk.dictionary.grad
+        used = torch.zeros(grad.shape[0], dtype=torch.bool)
+        used[nearest_entry(obj.teacher(x).flatten(0, 1), m.trunk.dictionary)] = True
+        # The codebook loss moves exactly the entries some feature was assigned to.
+        assert (grad[used].abs().sum(-1) > 0).all() and (grad[~used] == 0).all()
+
+
+def test_joint_training_sends_the_decoder_loss_into_the_continuous_ar():
+    x, y = uint8_images(B=2), labels(2)
+    cfg = ar_config(mode="continuous")
+    objective_cfg = ObjectiveConfig(semantic_weight=0.0)  # only the decoder's loss can reach the AR
+    m = ar_model(mode="continuous").train()
+    ar.ARObjective(cfg, objective_cfg, RES, "cpu", train_semantic=True, train_decoder=True).loss(m, x, y)[0].backward()
+    assert m.trunk.head.weight.grad.abs().sum() > 0, "joint training: the decoder's loss does not reach z"
+    m.zero_grad(set_to_none=True)
+    # The decoder stage with a frozen trunk: the decoder sees the teacher's features, the AR does not even run.
+    ar.ARObjective(cfg, objective_cfg, RES, "cpu", train_semantic=False, train_decoder=True).loss(m, x, y)[0].backward()
+    assert all(p.grad is None for p in m.trunk.parameters())
+    assert m.decoder.z_proj.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("context", ["none", "window"])
+def test_decoder_on_a_subset_of_patches_equals_those_rows_of_all_patches(context):
+    m = ar_model(context=context)
+    x, y = uint8_images(B=2), labels(2)
+    L = m.trunk.num_patches
+    idx = torch.randint(0, m.trunk.dictionary.shape[0], (2, L), generator=torch.Generator().manual_seed(0))
+    full = m(x, y, semantic=False, decoder=True, indices=idx)["logp"].view(2, L, -1, 3)
+    sel = torch.tensor([[3, 9, 14], [0, 5, 6]])
+    part = m(x, y, semantic=False, decoder=True, indices=idx, patches=sel)["logp"].view(2, 3, -1, 3)
+    torch.testing.assert_close(part, full[torch.arange(2)[:, None], sel], atol=1e-5, rtol=1e-5)

@@ -13,7 +13,7 @@ from .config import DecoderConfig, ModelConfig, TrunkConfig
 from .decoder import ADALN, ATTENTION, KINDS, PixelDecoder
 from .generator import PixelGenerator, repa_projector
 from .pixel_ar import CONTEXTS, OUTPUTS, PixelARDecoder
-from .semantic_ar import MODES, TARGETS, SemanticAR
+from .semantic_ar import DICTIONARIES, MODES, TARGETS, SemanticAR
 from .teachers import TEACHERS
 from .trunk import PatchTrunk, TrunkOutput
 
@@ -115,6 +115,7 @@ def check_model_config(model_cfg: ModelConfig, resolution: int) -> tuple[TrunkCo
 def _check_ar(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfig, fail) -> None:
     ar = trunk.ar
     choices = {"trunk.ar.mode": (ar.mode, MODES), "trunk.ar.target": (ar.target, TARGETS),
+               "trunk.ar.dictionary": (ar.dictionary, DICTIONARIES),
                "decoder.pixel_ar.output": (dec.pixel_ar.output, OUTPUTS),
                "decoder.pixel_ar.context": (dec.pixel_ar.context, CONTEXTS)}
     for key, (value, known) in choices.items():
@@ -122,6 +123,8 @@ def _check_ar(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfig, fa
             fail(key, value, f"must be one of {', '.join(known)}")
     if ar.mode == "discrete" and ar.target != "teacher":
         fail("trunk.ar.target", ar.target, "the discrete mode's dictionary comes from the teacher: use target=teacher")
+    if ar.mode == "continuous" and ar.dictionary != "kmeans":
+        fail("trunk.ar.dictionary", ar.dictionary, "only the discrete mode has a dictionary: remove the key")
     if ar.mode == "discrete" and ar.dict_size < 2:
         fail("trunk.ar.dict_size", ar.dict_size, "must be at least 2 (the published setting is 4096)")
     if ar.kmeans_images < 1 or ar.kmeans_iters < 1:
@@ -151,7 +154,8 @@ def _build_ar(model_cfg: ModelConfig, trunk_cfg: TrunkConfig, dec_cfg: DecoderCo
     ar, z_dim = trunk_cfg.ar, z_width(model_cfg)
     trunk = SemanticAR(patch_size=p, grid=grid, dim=trunk_cfg.dim, depth=trunk_cfg.depth, heads=trunk_cfg.heads,
                        mlp_ratio=trunk_cfg.mlp_ratio, num_classes=model_cfg.num_classes, mode=ar.mode,
-                       dict_size=ar.dict_size, z_dim=z_dim, activation_checkpointing=trunk_cfg.activation_checkpointing)
+                       dict_size=ar.dict_size, z_dim=z_dim, learned_dictionary=ar.dictionary == "learned",
+                       activation_checkpointing=trunk_cfg.activation_checkpointing)
     if dec_cfg.kind == "pixel_ar":
         decoder = PixelARDecoder(patch_size=p, grid=grid, z_dim=z_dim, dim=dec_cfg.pixel_dim, depth=dec_cfg.depth,
                                  heads=dec_cfg.heads, mlp_ratio=dec_cfg.mlp_ratio, output=dec_cfg.pixel_ar.output,

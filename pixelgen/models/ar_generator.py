@@ -9,12 +9,11 @@ The loss and the samplers live in pixelgen/ar.py, apart from the networks.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from einops import rearrange
 
 from .layers import TimestepEmbedder
 from .pixel_ar import to_values
-from .semantic_ar import SemanticAR
+from .semantic_ar import SemanticAR, nearest_entry
 
 
 class PatchDiffusionHead(nn.Module):
@@ -65,25 +64,38 @@ class ARGenerator(nn.Module):
     def method(self) -> str:
         return "diffusion" if isinstance(self.decoder, PatchDiffusionHead) else "pixel_ar"
 
-    def forward(self, x_BCHW, y_B, *, semantic: bool, decoder: bool, z=None, drop=None, x_t=None, t=None,
-                patches=None) -> dict:
-        """Teacher-forced outputs. semantic: "semantic" = the AR's head per patch [B, L, K or z_dim].
-        decoder, on the patches `patches` [B, n] of each image (None: all, n = L): given their z [B*n, z_dim]
-        (None: the AR's own continuous output) and `drop` [B*n] (rows that get the null condition): "logp"
-        [B*n, P, 3], each pixel channel's log-probability (pixel AR), or "pred" for the noisy patches x_t
-        [m*B*n, 3, p, p] at times t, m noise draws per patch (diffusion)."""
+    def forward(self, x_BCHW, y_B, *, semantic: bool, decoder: bool, features=None, indices=None,
+                z_from_trunk: bool = False, drop=None, x_t=None, t=None, patches=None) -> dict:
+        """The teacher-forced pass; every read of the weights (the dictionary included) happens in here, where
+        ZeRO-3 has gathered them.
+
+        Each patch's ground-truth z: discrete, the dictionary entry `indices` [B, L] name, or the entry nearest
+        to the teacher's `features` [B, L, Dt] ("targets" = those indices, "entries" = the entries); continuous,
+        the features themselves; `z_from_trunk`: the AR's own output instead (end to end).
+        semantic: "semantic" = the AR's head per patch [B, L, K or z_dim].
+        decoder, on the patches `patches` [B, n] of each image (None: all, n = L) given their z, with `drop`
+        [B*n] marking rows that get the null condition: "logp" [B*n, P, 3], each pixel channel's log-probability
+        (pixel AR), or "pred" for the noisy patches x_t [m*B*n, 3, p, p] at times t, m draws per patch."""
         out = {}
-        if semantic:
+        B, L = x_BCHW.shape[0], self.trunk.num_patches
+        z_all = None
+        if self.trunk.mode == "discrete" and (features is not None or indices is not None):
+            if indices is None:
+                indices = nearest_entry(features.flatten(0, 1), self.trunk.dictionary).view(B, L)
+            out["targets"] = indices
+            z_all = out["entries"] = self.trunk.dictionary[indices]
+        elif features is not None:
+            z_all = features
+        if semantic or z_from_trunk:
             out["semantic"] = self.trunk.head(self.trunk(x_BCHW, y_B))
+        if z_from_trunk:
+            z_all = out["semantic"]
         if not decoder:
             return out
-        B, L = x_BCHW.shape[0], self.trunk.num_patches
         if patches is None:
             patches = torch.arange(L, device=x_BCHW.device).expand(B, L)
         batch = torch.arange(B, device=x_BCHW.device)[:, None]
-        if z is None:
-            z = out["semantic"][batch, patches].flatten(0, 1)
-        c = self.decoder.condition(z, drop)
+        c = self.decoder.condition(z_all[batch, patches].flatten(0, 1), drop)
         if self.method == "diffusion":
             out["pred"] = self.decoder(x_t, t, c.repeat(x_t.shape[0] // c.shape[0], 1))
             return out

@@ -45,6 +45,10 @@ class SemanticARConfig:
     mode: str = "discrete"
     target: str = "teacher"  # continuous only: teacher | end_to_end (no teacher; z_dim wide, trained by the decoder)
     dict_size: int = 4096
+    # kmeans: the dictionary is k-means of teacher features, fixed | learned: initialised the same way, then
+    # trained: a codebook loss pulls each entry toward the features assigned to it (VQ-VAE), and where the
+    # decoder trains too its loss reaches the entries through z
+    dictionary: str = "kmeans"
     kmeans_images: int = 1000  # training images whose teacher patch features the trunk stage clusters
     kmeans_iters: int = 25
     z_dim: int = 64  # end_to_end only; otherwise z has the teacher's width

@@ -14,8 +14,10 @@ from .layers import ClassEmbedder, CausalTransformer, init_linear_xavier, rope_2
 
 MODES = ("discrete", "continuous")
 TARGETS = ("teacher", "end_to_end")
+DICTIONARIES = ("kmeans", "learned")
 
 
+@torch.no_grad()
 def nearest_entry(features_ND: torch.Tensor, dictionary_KD: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """Index of the dictionary entry nearest (Euclidean) to each feature, [N]; in fp32, in chunks of features."""
     d = dictionary_KD.float()
@@ -53,12 +55,13 @@ class SemanticAR(nn.Module):
     """forward(x_BCHW, y_B) -> h [B, L, dim] (teacher-forced); `head(h)` -> dictionary logits [.., K] (discrete) or
     z [.., z_dim] (continuous). Sampling drives it one position at a time through `run` with a cache.
 
-    The dictionary is a persistent buffer: it travels with every checkpoint and exported weights file.
+    The dictionary is in the state dict (a persistent buffer, or a parameter when learned): it travels with every
+    checkpoint and exported weights file.
     """
 
     def __init__(self, *, patch_size: int, grid: tuple[int, int], dim: int, depth: int, heads: int,
                  mlp_ratio: float, num_classes: int, mode: str, dict_size: int, z_dim: int,
-                 activation_checkpointing: bool = False):
+                 learned_dictionary: bool = False, activation_checkpointing: bool = False):
         super().__init__()
         self.patch_size, self.grid, self.dim, self.mode, self.z_dim = patch_size, grid, dim, mode, z_dim
         self.y_embed = ClassEmbedder(num_classes, dim)
@@ -67,7 +70,11 @@ class SemanticAR(nn.Module):
                                       activation_checkpointing=activation_checkpointing)
         if mode == "discrete":
             self.head = nn.Linear(dim, dict_size)
-            self.register_buffer("dictionary", torch.zeros(dict_size, z_dim))  # filled by the trunk stage
+            # Filled by the trunk stage's k-means; a parameter when it trains further, else a buffer.
+            if learned_dictionary:
+                self.dictionary = nn.Parameter(torch.zeros(dict_size, z_dim))
+            else:
+                self.register_buffer("dictionary", torch.zeros(dict_size, z_dim))
         else:
             self.head = nn.Linear(dim, z_dim)
         self.apply(init_linear_xavier)
