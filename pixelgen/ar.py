@@ -30,7 +30,7 @@ from einops import rearrange
 
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
-from pixelgen.models.pixel_ar import to_values
+from pixelgen.models.pixel_ar import to_pixels
 from pixelgen.models.semantic_ar import kmeans
 
 GUIDANCE = ("z", "semantic", "decoder", "both")
@@ -239,7 +239,7 @@ def generate(model, y_B: torch.Tensor, cfg: SamplerConfig, *, objective: Objecti
         if model.method == "pixel_ar":
             vals, lp = _pixel_ar_patch(dec, conds, scale, values, i, cfg, generator, use_cache)
             values[:, i] = vals
-            patches[:, i] = rearrange(vals.float() / 127.5 - 1, "b (p1 p2) c -> b c p1 p2", p1=p)
+            patches[:, i] = rearrange(to_pixels(vals), "b (p1 p2) c -> b c p1 p2", p1=p)
             logprob += lp
         else:
             patches[:, i] = _diffusion_patch(dec, conds, scale, cfg, flow, generator, B, p)
@@ -314,4 +314,4 @@ def log_likelihood(model, x_BCHW: torch.Tensor, y_B: torch.Tensor, indices: torc
 
 
 __all__ = ["ARObjective", "ARSamples", "GUIDANCE", "CFG_SCHEDULES", "build_dictionary", "generate", "guide",
-           "log_likelihood", "needs_teacher", "sample_index", "scale_at", "to_values"]
+           "log_likelihood", "needs_teacher", "sample_index", "scale_at"]
