@@ -66,10 +66,12 @@ def rope_2d(head_dim: int, h: int, w: int, *, theta: float = 10_000.0, extent: f
 
 
 def apply_rope(x, cos_LP, sin_LP):
-    """Rotate consecutive channel pairs of x [..., L, head_dim] by the angles of their token."""
-    x1, x2 = rearrange(x.float(), "... (p two) -> two ... p", two=2)
-    rotated = torch.stack([x1 * cos_LP - x2 * sin_LP, x1 * sin_LP + x2 * cos_LP])
-    return rearrange(rotated, "two ... p -> ... (p two)").type_as(x)
+    """Rotate consecutive channel pairs of x [..., L, head_dim] by the angles of their token.
+
+    As one complex product (pair = real, imaginary part): the same arithmetic as x1 cos - x2 sin,
+    x1 sin + x2 cos, in a third of the ops, which is what a one-token sampling step pays for."""
+    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_c * torch.complex(cos_LP, sin_LP)).flatten(-2).type_as(x)
 
 
 def sincos_2d(dim: int, h: int, w: int, *, device=None):
