@@ -108,7 +108,9 @@ class Attention(nn.Module):
     def forward(self, x_BLD, rope, *, causal: bool = False, cache: dict | None = None):
         """`causal`: token i attends to tokens <= i. `cache` (causal only): a dict this layer keeps its keys and
         values in; x_BLD are then the next tokens after those already cached (rope: their positions only)."""
-        q, k, v = rearrange(self.qkv(x_BLD), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        B, L, _ = x_BLD.shape
+        # view + permute rather than einops: this runs once per block per sampling step, where overhead is the cost.
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(k), *rope)
         past = 0
@@ -123,7 +125,7 @@ class Attention(nn.Module):
             Lq, Lk = q.shape[2], k.shape[2]
             mask = torch.arange(Lk, device=q.device)[None] <= past + torch.arange(Lq, device=q.device)[:, None]
         o_BHLd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(rearrange(o_BHLd, "b h l d -> b l (h d)"))
+        return self.proj(o_BHLd.transpose(1, 2).reshape(B, L, -1))
 
 
 class SwiGLU(nn.Module):
