@@ -78,7 +78,13 @@ class SemanticTeacher:
         self.device = torch.device(device)
         p = model_cfg.trunk.patch_size
         self.grid = (resolution // p, resolution // p)
-        self.teacher = DinoTeacher(create_dino(model_cfg.trunk.ar.teacher, key="model.trunk.ar.teacher")).to(self.device)
+        cfg = model_cfg.trunk.ar.teacher
+        # A random stand-in teacher (allow_random_init, tests) must be the same network wherever it is built:
+        # the dictionary and the training targets come from two instances.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = create_dino(cfg, key="model.trunk.ar.teacher")
+        self.teacher = DinoTeacher(encoder).to(self.device)
 
     @torch.no_grad()
     def __call__(self, x0_BCHW: torch.Tensor) -> torch.Tensor:

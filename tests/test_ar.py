@@ -647,3 +647,14 @@ def test_decoder_on_a_subset_of_patches_equals_those_rows_of_all_patches(context
     sel = torch.tensor([[3, 9, 14], [0, 5, 6]])
     part = m(x, y, semantic=False, decoder=True, indices=idx, patches=sel)["logp"].view(2, 3, -1, 3)
     torch.testing.assert_close(part, full[torch.arange(2)[:, None], sel], atol=1e-5, rtol=1e-5)
+
+
+def test_a_random_stand_in_teacher_is_the_same_wherever_it_is_built():
+    # The dictionary (trunk stage, rank 0) and the targets (each objective) come from separate instances; with a
+    # random teacher they must still agree, whatever the global RNG did in between.
+    torch.manual_seed(1)
+    a = ar.SemanticTeacher(ar_config(), RES, "cpu")
+    torch.manual_seed(2)
+    b = ar.SemanticTeacher(ar_config(), RES, "cpu")
+    x = uint8_images()
+    assert torch.equal(a(x), b(x))
