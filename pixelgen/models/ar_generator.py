@@ -11,33 +11,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .layers import TimestepEmbedder
+from .layers import TimestepEmbedder, ZConditioned
 from .pixel_ar import to_values
 from .semantic_ar import SemanticAR, nearest_entry
 
 
-class PatchDiffusionHead(nn.Module):
+class PatchDiffusionHead(ZConditioned):
     """forward(x_t [N, 3, p, p], t [N], c [N, dim]) -> the prediction for each patch (velocity or x0, as the
     objective says). `net` is a PixelDecoder over single-patch images whose per-patch condition is
     SiLU(t_emb + c), c = the projected z (or the learned null condition)."""
 
     def __init__(self, net: nn.Module, *, z_dim: int, dim: int):
-        super().__init__()
+        super().__init__(z_dim, dim)
         self.net = net
         self.t_embed = TimestepEmbedder(dim)
-        self.z_proj = nn.Linear(z_dim, dim)
-        self.null_cond = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
-
-    def condition(self, z_NZ: torch.Tensor, drop_N: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.z_proj(z_NZ)
-        if drop_N is not None:
-            c = torch.where(drop_N[:, None], self.null_cond.to(c.dtype).expand_as(c), c)
-        return c
-
-    def null_condition(self, n: int) -> torch.Tensor:
-        return self.null_cond[None].expand(n, -1)
 
     def forward(self, x_N3pp: torch.Tensor, t_N: torch.Tensor, c_ND: torch.Tensor) -> torch.Tensor:
         cond = F.silu(self.t_embed(t_N) + c_ND)[:, None]  # [N, 1, dim]: one patch per "image"
@@ -48,8 +37,6 @@ class ARGenerator(nn.Module):
     """`trunk` (SemanticAR) and `decoder` (PixelARDecoder or PatchDiffusionHead); the decoder stage trains
     `decoder.*` with the trunk frozen, as for the diffusion families. forward is the teacher-forced pass that
     pixelgen.ar's `ARObjective.loss` drives (through the DeepSpeed engine); `pixelgen.ar.generate` samples."""
-
-    family = "ar"
 
     def __init__(self, trunk: SemanticAR, decoder: nn.Module, *, num_classes: int, resolution: int):
         super().__init__()

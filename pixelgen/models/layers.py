@@ -5,7 +5,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 
@@ -226,3 +225,23 @@ class CausalTransformer(nn.Module):
             else:
                 x_BLD = block(x_BLD, rope, caches[i])
         return self.norm(x_BLD)
+
+
+class ZConditioned(nn.Module):
+    """The second level's input from the semantic AR: z projected to the decoder's width, and a learned null
+    condition that replaces it for decoder-level guidance (trained by dropping z)."""
+
+    def __init__(self, z_dim: int, dim: int):
+        super().__init__()
+        self.z_proj = nn.Linear(z_dim, dim)
+        self.null_cond = nn.Parameter(torch.zeros(dim))
+
+    def condition(self, z_NZ: torch.Tensor, drop_N: torch.Tensor | None = None) -> torch.Tensor:
+        """z -> the condition [N, dim]; rows where drop_N is true get the learned null condition."""
+        c = self.z_proj(z_NZ)
+        if drop_N is not None:
+            c = torch.where(drop_N[:, None], self.null_cond.to(c.dtype).expand_as(c), c)
+        return c
+
+    def null_condition(self, n: int) -> torch.Tensor:
+        return self.null_cond[None].expand(n, -1)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .layers import CausalTransformer, RMSNorm, init_linear_xavier, rope_at
+from .layers import CausalTransformer, RMSNorm, ZConditioned, init_linear_xavier, rope_at
 
 OUTPUTS = ("categorical", "logistic")
 CONTEXTS = ("none", "prev", "window")
@@ -51,16 +51,14 @@ def logistic_bin_logp(values: torch.Tensor, mean: torch.Tensor, log_scale: torch
     return torch.where(values == 0, F.logsigmoid(upper), torch.where(values == LEVELS - 1, -F.softplus(lower), inner))
 
 
-class PixelARDecoder(nn.Module):
+class PixelARDecoder(ZConditioned):
     def __init__(self, *, patch_size: int, grid: tuple[int, int], z_dim: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float, output: str, mixtures: int, context: str, activation_checkpointing: bool = False):
-        super().__init__()
+        super().__init__(z_dim, dim)
         self.patch_size, self.grid, self.output, self.mixtures = patch_size, grid, output, mixtures
         self.pixels = patch_size * patch_size
         self.slots = _SLOTS[context]
         self.value_embed = nn.Embedding(3 * LEVELS, dim)  # channel c, value v -> row c * 256 + v
-        self.z_proj = nn.Linear(z_dim, dim)
-        self.null_cond = nn.Parameter(torch.zeros(dim))  # the decoder-level unconditional input (CFG)
         self.start = nn.Parameter(torch.zeros(dim))
         self.slot_embed = nn.Embedding(len(self.slots) + 1, dim)  # the last row marks a slot outside the image
         self.body = CausalTransformer(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
@@ -100,16 +98,6 @@ class PixelARDecoder(nn.Module):
         return rope_at(self.body.head_dim, self.pos_rows, self.pos_cols)
 
     # ------------------------------------------------------------------------------------------ inputs
-    def condition(self, z_NZ: torch.Tensor, drop_N: torch.Tensor | None = None) -> torch.Tensor:
-        """z -> the decoder's condition [N, dim]; rows where drop_N is true get the learned null condition."""
-        c = self.z_proj(z_NZ)
-        if drop_N is not None:
-            c = torch.where(drop_N[:, None], self.null_cond.to(c.dtype).expand_as(c), c)
-        return c
-
-    def null_condition(self, n: int) -> torch.Tensor:
-        return self.null_cond[None].expand(n, -1)
-
     def embed_values(self, values_N3: torch.Tensor) -> torch.Tensor:
         """[..., 3] values -> [..., dim]: the sum of one embedding per channel."""
         offsets = torch.arange(3, device=values_N3.device) * LEVELS
