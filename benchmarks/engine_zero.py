@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -51,10 +50,9 @@ from importlib import metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from report import DOC, REPO, git_commit, log, machine, write_section
+
 CONFIG = "configs/tiny.yaml"
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- engine_zero:start -->", "<!-- engine_zero:end -->"
 HEADING = "## The training engine under each ZeRO stage (CPU, 2 ranks)"
 RANKS = 2
 MiB, GiB = 2**20, 2**30
@@ -101,10 +99,6 @@ class Result:
         if len(self.step_times) < 2:
             return None
         return (max(self.step_times) - min(self.step_times)) / statistics.median(self.step_times)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def pixelgen_cmd() -> list[str]:
@@ -226,20 +220,6 @@ def measure(model: Model, zero: int, out: Path, shard_dir: Path, args) -> Result
     return result
 
 
-def git_commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=all", "--", "pixelgen", "pipeline", "configs")
-    return f"{rev} + uncommitted changes to pixelgen/, pipeline/ or configs/" if dirty else rev
-
-
-def machine() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {mem:.0f} GB, no GPU"
-
-
 def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}x" if value is not None and base else "-"
 
@@ -300,18 +280,6 @@ def section(results: list[Result], args, command: str, seconds: float) -> str:
     return "\n\n".join([*wrap, table(results)])
 
 
-def write_doc(body: str) -> None:
-    text = DOC.read_text()
-    block = f"{START}\n{body}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n"
-    DOC.write_text(text)
-    log(f"wrote the section between {START} and {END} in {DOC}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
@@ -352,7 +320,7 @@ def main() -> None:
     body = section(results, args, command, seconds)
     print(body)
     if args.write:
-        write_doc(body)
+        write_section(body, HEADING, "engine_zero")
     log(f"total {seconds / 60:.1f} min")
 
 
