@@ -4,25 +4,13 @@ Runs benchmarks/overfit.py's functions at 16 px on 4 images (about 20 s on one C
 loose: with seeds 0-2 the loss fell 18-22x and the samples' error fell to 0.01-0.02x of step 0's.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_overfit():
-    spec = importlib.util.spec_from_file_location("overfit_benchmark", ROOT / "benchmarks" / "overfit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_benchmark
 
 
 def test_tiny_model_overfits_four_images():
-    overfit = _load_overfit()
+    overfit = load_benchmark("overfit")
     cfg = overfit.OverfitConfig(
         images=4, resolution=16, dim=64, pixel_dim=8, steps=400, lr=3e-3, sampler="euler", sample_steps=10,
         checkpoints=(0.0, 1.0), seed=0,
