@@ -146,3 +146,16 @@ def test_semantic_ar_families_train_and_evaluate_in_the_stages(name, tmp_path, t
         assert [row["sampler"] for row in metrics["sweep"]] == ["", "guidance=decoder cfg_scale=2.0"]
         assert metrics["sweep"][0]["fid"] == metrics["fid"] and metrics["sweep"][1]["fid"] > 0
         assert "sweep best" in proc.stdout
+
+
+def test_two_ranks_share_rank_zeros_dictionary(tmp_path, tiny_shards):
+    # Rank 0 clusters while rank 1 waits at a barrier; both then train with the entries rank 0 wrote.
+    run_dir = tmp_path / "run"
+    proc = pixelgen("run", str(CONFIGS / "tiny_dual_ar_discrete.yaml"), f"run_dir={run_dir}",
+                    f"data.shard_dir={tiny_shards}", "stages=[train_trunk]", "launch.train_trunk.tasks=2",
+                    "--executor", "local")
+    assert (run_dir / "train_trunk" / "DONE.json").is_file(), proc.stdout
+    assert proc.stdout.count("dictionary: 8 entries") == 1, proc.stdout  # computed once, by rank 0
+    entries = load_file(run_dir / "train_trunk" / "dictionary.safetensors")["dictionary"]
+    assert torch.equal(load_file(run_dir / "train_trunk" / "export" / "model.safetensors")["trunk.dictionary"],
+                       entries)
