@@ -107,7 +107,7 @@ class PixelARDecoder(ZConditioned):
         """The context slots of patches `patches_Bn` (indices per image [B, n]) from the images' values
         [B, L, P, 3] (patch-major): ([B, n, S, P, 3] values, [B, n, S] inside the image). Slots outside the
         image hold zeros."""
-        gh, gw = self.grid
+        gw = self.grid[1]
         B, n = patches_Bn.shape
         rows, cols = patches_Bn // gw, patches_Bn % gw
         batch = torch.arange(B, device=patches_Bn.device)[:, None]
@@ -119,7 +119,8 @@ class PixelARDecoder(ZConditioned):
             vals.append(values_BLP3[batch, idx] * ok[..., None, None])
             inside.append(ok)
         if not vals:
-            return values_BLP3.new_zeros(B, n, 0, self.pixels, 3), torch.zeros(B, n, 0, dtype=torch.bool)
+            return (values_BLP3.new_zeros(B, n, 0, self.pixels, 3),
+                    torch.zeros(B, n, 0, dtype=torch.bool, device=values_BLP3.device))
         return torch.stack(vals, 2), torch.stack(inside, 2)
 
     def context_tokens(self, ctx_NSP3: torch.Tensor, inside_NS: torch.Tensor) -> torch.Tensor:
