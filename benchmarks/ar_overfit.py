@@ -228,7 +228,6 @@ def plot(results: list[AROverfitResult], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     n = results[0].cfg.images
     rows = [("targets", results[0].targets)]
@@ -255,17 +254,8 @@ def plot(results: list[AROverfitResult], path: str | Path) -> Path:
         ax.plot(steps[w - 1 :], np.convolve(r.losses.numpy(), np.ones(w) / w, "valid"), lw=1.5,
                 color=line.get_color(), label=f"{r.cfg.method}: mean of {w} ({r.loss_start() / r.loss_end():.0f}x "
                                               f"lower at the end)")
-    for s in results[0].samples:
-        ax.axvline(s, color="grey", lw=0.5, ls=":")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_title("training loss: semantic CE + pixel nats/sub-pixel (B)\nor + velocity MSE (C)", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    _sibling("overfit").loss_axis(ax, results[0].samples,
+                                  "training loss: semantic CE + pixel nats/sub-pixel (B)\nor + velocity MSE (C)")
     cfg = results[0].cfg
     fig.suptitle(
         f"{cfg.resolution} px, patch {cfg.patch_size}, semantic AR {cfg.dim}x{cfg.depth} over {cfg.entries} "

@@ -168,13 +168,30 @@ def summary(result: OverfitResult) -> str:
     return "\n".join(lines)
 
 
+def loss_axis(ax, checkpoints, title: str) -> None:
+    """A loss curve's axis as the overfit PNGs draw it: log scale with 1-2-5 ticks, the sampling checkpoints as
+    dotted lines (the caller has plotted the curves)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    for s in checkpoints:
+        ax.axvline(s, color="grey", lw=0.5, ls=":")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+
+
 def plot(result: OverfitResult, path: str | Path) -> Path:
     """Targets and samples as a grid (a row per checkpoint, a column per class) beside the loss curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     cfg = result.cfg
     rows = [("targets", result.targets)] + [
@@ -199,18 +216,8 @@ def plot(result: OverfitResult, path: str | Path) -> Path:
     kernel = np.ones(cfg.window) / cfg.window
     ax.plot(steps[cfg.window - 1 :], np.convolve(result.losses.numpy(), kernel, "valid"), lw=1.5,
             label=f"mean of {cfg.window}")
-    for s in result.samples:
-        ax.axvline(s, color="grey", lw=0.5, ls=":")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_title(f"training loss: mean of the last {cfg.window} steps {result.loss_start() / result.loss_end():.0f}x "
-                 f"below the first {cfg.window}", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    loss_axis(ax, result.samples, f"training loss: mean of the last {cfg.window} steps "
+                                  f"{result.loss_start() / result.loss_end():.0f}x below the first {cfg.window}")
     fig.suptitle(
         f"{cfg.resolution} px, patch {cfg.patch_size}, trunk {cfg.dim}x{cfg.depth}, PiT {cfg.pixel_dim}x"
         f"{cfg.pixel_depth}, {cfg.objective}, AdamW lr {cfg.lr:g}, batch {cfg.images}x{cfg.repeats}; "
