@@ -21,6 +21,7 @@ first patch to its value at the last.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -142,13 +143,14 @@ class ARObjective:
         if self.train_decoder:
             # The decoder learns from `decoder_patches` random patches of each image (all when 0).
             n = self.cfg.decoder_patches if 0 < self.cfg.decoder_patches < L else L
-            sel = torch.rand(B, L, device=device, generator=generator).argsort(dim=1)[:, :n]
+            sel = None if n == L else torch.rand(B, L, device=device, generator=generator).argsort(dim=1)[:, :n]
             drop = torch.rand(B * n, device=device, generator=generator) < self.flow.class_dropout
             kwargs.update(drop=drop, patches=sel)
             if module.method == "diffusion":
                 p, mul = module.patch_size, self.cfg.diffusion_batch_mul
-                batch = torch.arange(B, device=device)[:, None]
-                x0_N = rearrange(x0_BCHW, "b c (h p1) (w p2) -> b (h w) c p1 p2", p1=p, p2=p)[batch, sel]
+                x0_N = rearrange(x0_BCHW, "b c (h p1) (w p2) -> b (h w) c p1 p2", p1=p, p2=p)
+                if sel is not None:
+                    x0_N = x0_N[torch.arange(B, device=device)[:, None], sel]
                 x0_N = x0_N.flatten(0, 1).repeat(mul, 1, 1, 1)
                 t = self.flow.sample_t(x0_N.shape[0], device, generator)
                 e = torch.randn(x0_N.shape, device=device, dtype=x0_N.dtype, generator=generator) * self.cfg.noise_scale
@@ -177,7 +179,7 @@ class ARObjective:
                 logs["diffusion_loss"] = term.detach()
             else:
                 term = -out["logp"].mean()  # nats per sub-pixel
-                logs["bits_per_dim"] = term.detach() / torch.log(torch.tensor(2.0))
+                logs["bits_per_dim"] = term.detach() / math.log(2)
             loss = loss + term
         logs["loss"] = loss.detach()
         return loss, logs
@@ -211,7 +213,7 @@ def generate(model, y_B: torch.Tensor, cfg: SamplerConfig, *, objective: Objecti
     ys = torch.cat([y_B, torch.full_like(y_B, model.null_class)]) if two_ar else y_B
     flow = FlowMatching(objective, model.num_classes, 0.0)
 
-    rope = trunk.rope(device)
+    rope, dec_rope = trunk.rope(device), dec.rope() if model.method == "pixel_ar" else None
     caches = trunk.new_cache() if use_cache else None
     seen = []  # the AR's input tokens so far (uncached path)
     patches = torch.zeros(B, L, 3, p, p, device=device)
@@ -243,7 +245,7 @@ def generate(model, y_B: torch.Tensor, cfg: SamplerConfig, *, objective: Objecti
         conds = [dec.condition(zz) for zz in zs] + ([dec.null_condition(B)] if dec_guided else [])
         scale = s_dec if len(conds) == 2 else 1.0
         if model.method == "pixel_ar":
-            vals, lp = _pixel_ar_patch(dec, conds, scale, values, i, cfg, generator, use_cache)
+            vals, lp = _pixel_ar_patch(dec, dec_rope, conds, scale, values, i, cfg, generator, use_cache)
             values[:, i] = vals
             patches[:, i] = rearrange(to_pixels(vals), "b (p1 p2) c -> b c p1 p2", p1=p)
             logprob += lp
@@ -253,13 +255,12 @@ def generate(model, y_B: torch.Tensor, cfg: SamplerConfig, *, objective: Objecti
     return ARSamples(images, indices, logprob)
 
 
-def _pixel_ar_patch(dec, conds, scale, values_BLP3, i, cfg, generator, use_cache):
+def _pixel_ar_patch(dec, rope, conds, scale, values_BLP3, i, cfg, generator, use_cache):
     """The pixels of patch i [B, P, 3] and the log-probability of the values drawn [B]."""
     n, B = len(conds), conds[0].shape[0]
     c = torch.cat(conds)
     ctx, inside = dec.context(values_BLP3, torch.full((B, 1), i, device=c.device))
     ctx, inside = ctx[:, 0].repeat(n, 1, 1, 1), inside[:, 0].repeat(n, 1)
-    rope = dec.rope()
     caches = dec.new_cache() if use_cache else None
     tokens = [dec.prefix_tokens(c, ctx, inside)]
     start = tokens[0].shape[1]
