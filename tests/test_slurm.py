@@ -298,12 +298,15 @@ def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
     _submit(slurm, *args, f"run_dir={run}", "--cluster", "local")
     job = cluster.latest_jobs(cluster.read_record(run))["train_trunk"]["job_id"]
     seen = 0
-    # Three interruptions in a row: USR2 as SLURM sends it before a time limit or on preemption (twice), then
-    # an administrator's `scontrol requeue` (SIGTERM to the tasks).
-    for n, interrupt in enumerate((["scancel", "--signal=USR2", job], ["scancel", "--signal=USR2", job],
-                                   ["scontrol", "requeue", job]), start=1):
+    # Three interruptions in a row: a real preemption (a job in the local cluster's higher-tier partition needs
+    # the whole node; SLURM sends USR2 at once and requeues after GraceTime), USR2 sent by hand, then an
+    # administrator's `scontrol requeue` (SIGTERM to the tasks).
+    urgent = ["sbatch", "--partition=urgent", "--exclusive", "--mem=100M", "--job-name=pixelgen-test-urgent",
+              f"--output={tmp_path / 'urgent-%j.out'}", "--wrap=sleep 1"]
+    for n, interrupt in enumerate((urgent, ["scancel", "--signal=USR2", job], ["scontrol", "requeue", job]),
+                                  start=1):
         _wait(run, lambda s: _progress(run) > seen + 3, timeout=300, what=f"training to progress before {n}")
-        subprocess.run(interrupt, check=True, timeout=60)
+        subprocess.run(interrupt, check=True, timeout=60, capture_output=True)
         _wait(run, lambda s: _restarts(job)[1] >= n, timeout=300, what=f"requeue {n}")
         if n == 1:  # (later, the run may already be over when we look)
             row = _states(run)["train_trunk"]
@@ -314,6 +317,7 @@ def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
     assert states["train_trunk"]["job_id"] == job  # the same job came back each time
     log = _log(run)
     assert log.count("requeueing job") >= 2  # the USR2 interruptions: saved, exit 75, requeued by the job script
+    assert "restart 1 of at most" in log  # the preemption's USR2 came first and took the same path
     assert log.count("from checkpoint step") >= 3
     a, b = load_file(run / "train_trunk" / "export" / "model.safetensors"), \
         load_file(reference / "train_trunk" / "export" / "model.safetensors")
@@ -363,3 +367,26 @@ def test_cancel_stops_the_run_and_it_stays_stopped(slurm, chain, tmp_path):
     assert not cluster.active_jobs(run)  # a cancel is not a preemption: nothing requeued itself
     out = pixelgen("status", str(run)).stdout
     assert "cancelled" in out and f"pixelgen resume {run}" in out
+
+
+def test_time_limit_signal_saves_and_the_job_comes_back(slurm, chain, tmp_path):
+    """The time limit itself: SLURM sends USR2 `signal_lead_s` (plus up to 60 s of its timer's slack) before a
+    2-minute limit, the stage saves and requeues, and the same job resumes from that checkpoint instead of
+    being killed with TIMEOUT. Nothing but the limit interrupts it."""
+    local_run, _ = chain
+    run = tmp_path / "run"
+    profile = _profile(tmp_path, **{"time_min.train_trunk": 2, "signal_lead_s": 30})
+    _submit(slurm, str(TINY), f"run_dir={run}", f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]",
+            "train_trunk.steps=1000000", "train_trunk.ckpt_every=1000000", "train_trunk.log_every=1",
+            "--cluster", str(profile))
+    job = cluster.latest_jobs(cluster.read_record(run))["train_trunk"]["job_id"]
+    assert _restarts(job)[1] == 0
+    _wait(run, lambda s: _restarts(job)[1] >= 1, timeout=240, what="the time limit's signal and the requeue")
+    _wait(run, lambda s: "resuming train_trunk from checkpoint step" in _log(run), timeout=120,
+          what="the job to come back")
+    resumed = int(_log(run).split("resuming train_trunk from checkpoint step ")[1].split()[0])
+    _wait(run, lambda s: _progress(run) > resumed, timeout=120, what="training to go on after the restart")
+    state, restarts = _restarts(job)
+    assert state == "RUNNING" and restarts >= 1  # not TIMEOUT: the signal came early enough to save and requeue
+    assert f"stopped at step {resumed} on a preemption signal" in _log(run)
+    pixelgen("cancel", str(run))
