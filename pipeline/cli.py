@@ -126,7 +126,7 @@ def _submit(cfg, run_dir: Path, profile_path: str, profile, command: str, dry_ru
     console.print(table)
     if not dry_run:
         console.print(f"run record: {run_dir / cluster.RECORD}")
-        console.print(f"follow it:  pixelgen status {run_dir}    stop it: pixelgen cancel {run_dir}")
+        console.print(f"follow it:  pixelgen status {run_dir} --watch    stop it: pixelgen cancel {run_dir}")
     return 0
 
 
@@ -249,12 +249,18 @@ _STATE_STYLE = {"done": "green", "running": "cyan", "pending": "white", "requeue
                 "failed": "red", "cancelled": "red", "not run": "dim", "started": "yellow", "not submitted": "dim"}
 
 
-def cmd_status(args) -> int:
+_FINAL = {"done", "failed", "cancelled", "not run", "not submitted"}  # states a stage leaves only by a resume
+
+
+def _over(rows) -> bool:
+    return all(r["state"] in _FINAL for r in rows)
+
+
+def _status_view(run_dir: Path, cfg):
+    """The status table, the lines below it, and the rows they came from."""
     from pipeline import cluster, rundir
     from pixelgen.engine.checkpoint import CheckpointManager
 
-    run_dir = Path(args.run_dir)
-    cfg = rundir.load_run_config(run_dir)
     rows = cluster.stage_states(run_dir, cfg)
     table = Table(title=f"{cfg.name}: {run_dir}")
     for col in ("stage", "state", "job", "elapsed", "checkpoint"):
@@ -272,16 +278,62 @@ def cmd_status(args) -> int:
         cells = [stage, f"[{style}]{row['state']}[/{style}]", row["job_id"] or "-", row["elapsed"],
                  str(ckpt[0]) if ckpt else "-", detail]
         table.add_row(*cells)
-    console.print(table)
+    lines = []
     for row in rows:  # full paths below the table, to copy
         if row["log"] and row["state"] != "done" and Path(row["log"]).exists():
-            console.print(f"log of {row['stage']} ({row['state']}): {row['log']}")
+            lines.append(f"log of {row['stage']} ({row['state']}): {row['log']}")
     states = {r["state"] for r in rows}
     if "failed" in states:
-        console.print(f"fix the cause, then `pixelgen resume {run_dir}`: finished stages are not run again")
+        lines.append(f"fix the cause, then `pixelgen resume {run_dir}`: finished stages are not run again")
     elif "cancelled" in states:
-        console.print(f"`pixelgen resume {run_dir}` continues the run: finished stages are not run again")
-    return 0
+        lines.append(f"`pixelgen resume {run_dir}` continues the run: finished stages are not run again")
+    return table, lines, rows
+
+
+def _print_status(table, lines) -> None:
+    console.print(table)
+    for line in lines:
+        console.print(line)
+
+
+def cmd_status(args) -> int:
+    from pipeline import rundir
+
+    run_dir = Path(args.run_dir)
+    cfg = rundir.load_run_config(run_dir)
+    table, lines, rows = _status_view(run_dir, cfg)
+    if not args.watch or _over(rows):
+        _print_status(table, lines)
+        return 0
+    # Until every stage is done, failed, cancelled or not run (a dead local run never gets there: Ctrl-C). On a
+    # terminal the table is redrawn in place; into a file or pipe, a new one is printed when a stage's state changes.
+    from rich.console import Group
+    from rich.live import Live
+
+    def live_view():  # long paths fold onto the next line rather than being cut at the terminal's edge
+        return Group(table, *(Text(x, overflow="fold", no_wrap=False) for x in lines))
+
+    try:
+        if console.is_terminal:
+            with Live(live_view(), console=console, auto_refresh=False) as live:
+                while not _over(rows):
+                    time.sleep(args.every)
+                    table, lines, rows = _status_view(run_dir, cfg)
+                    live.update(live_view(), refresh=True)
+            return 0
+        shown = None
+        while True:
+            states = [(r["stage"], r["state"]) for r in rows]
+            if states != shown:
+                console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim]")
+                _print_status(table, lines)
+                shown = states
+            if _over(rows):
+                return 0
+            time.sleep(args.every)
+            table, lines, rows = _status_view(run_dir, cfg)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_cancel(args) -> int:
@@ -364,9 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the state of each stage of a run folder",
                        description="Show each stage's state (done, running, pending, requeued, failed, cancelled, "
-                                   "not run), SLURM job id, elapsed time, latest complete checkpoint, result and "
-                                   "log, from the run record, squeue and the run folder (no sacct needed).")
+                                   "not run), SLURM job id, elapsed time, latest complete checkpoint, training "
+                                   "progress (step, loss, ETA) or result, and log, from the run record, squeue and "
+                                   "the run folder (no sacct needed).")
     p.add_argument("run_dir", help="the run folder (run_dir of the config)")
+    p.add_argument("--watch", action="store_true",
+                   help="redraw the table until every stage is done, failed, cancelled or not run (into a file or "
+                        "pipe: a new table per change of state)")
+    p.add_argument("--every", type=float, default=10.0, metavar="SECONDS",
+                   help="with --watch: seconds between looks (default 10)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("cancel", help="cancel a run's SLURM jobs that are still queued or running",

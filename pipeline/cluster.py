@@ -9,9 +9,11 @@ training stage, time limits, the preemption signal, the container.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -417,6 +419,42 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def training_progress(run_dir: Path, cfg, stage: str, eta: bool = True) -> str:
+    """'step 1435/100000 (1%), loss 0.4123, ETA 3:05:10' from the newest records of a training stage's
+    metrics.jsonl, or '' before its first. Read from the end: the file grows by a line per log interval. The ETA
+    uses the median step time of the last 20 records (one slow interval, a sample grid or a checkpoint, is
+    noise) and knows nothing of queueing or restarts to come."""
+    from pipeline import rundir
+
+    if stage not in TRAIN_STAGES:
+        return ""
+    try:
+        with open(rundir.stage_dir(run_dir, stage) / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return ""
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)  # the first line may be cut by the seek, the last one half-written
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    if not records:
+        return ""
+    rec = records[-1]
+    step, total = int(rec["step"]), int(getattr(cfg, stage).steps)
+    parts = [f"step {step}/{total} ({100 * step // max(total, 1)}%)"]
+    if "loss" in rec:
+        parts.append(f"loss {rec['loss']:.4f}")
+    times = [r["step_time_s"] for r in records[-20:] if r.get("step_time_s")]
+    if eta and times and step < total:
+        parts.append(f"ETA {_fmt_seconds((total - step) * statistics.median(times))}")
+    return ", ".join(parts)
+
+
 def stage_states(run_dir: Path, cfg) -> list[dict]:
     """One row per stage: state (done, running, pending, requeued, failed, cancelled, not run; started or
     pending for a local run; not submitted), job id, elapsed time, log path, a detail and the stage's marker,
@@ -468,6 +506,9 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
                                  or queue_says)
             if row["restarts"]:
                 row["detail"] = ", ".join(x for x in (f"requeued {row['restarts']}x", row["detail"]) if x)
+        if row["state"] in ("running", "requeued", "started", "cancelled"):
+            progress = training_progress(run_dir, cfg, stage, eta=row["state"] == "running")
+            row["detail"] = ", ".join(x for x in (row["detail"], progress) if x)
         upstream_failed = upstream_failed or row["state"] in ("failed", "cancelled", "not run")
         rows.append(row)
     return rows

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +173,21 @@ def test_states_come_from_markers_results_and_the_record(tmp_path):
     assert rows["train_trunk"]["detail"] == "FileNotFoundError: key 'x' = '/nowhere': file does not exist"
     assert rows["train_trunk"]["log"] == str(run / "submitit" / "990002" / "990002_0_log.err")
     assert rows["train_decoder"]["state"] == "not run" and rows["fid"]["state"] == "cancelled"
+
+
+def test_training_progress_reads_the_newest_records(tmp_path):
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/data", "train_trunk.steps=100"])
+    run = rundir.prepare(cfg)
+    assert cluster.training_progress(run, cfg, "train_trunk") == ""  # nothing logged yet
+    times = [0.5] * 9 + [30.0]  # the last interval wrote a sample grid: the median ignores it
+    lines = [json.dumps({"step": 3 * (i + 1), "loss": 1.0 / (i + 1), "step_time_s": t}) for i, t in enumerate(times)]
+    metrics = run / "train_trunk" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text("x" * 20000 + "\n" + "\n".join(lines) + '\n{"step": 33, "lo')  # long head, half-written tail
+    assert cluster.training_progress(run, cfg, "train_trunk") == "step 30/100 (30%), loss 0.1000, ETA 0:35"
+    assert cluster.training_progress(run, cfg, "train_trunk", eta=False) == "step 30/100 (30%), loss 0.1000"
+    assert cluster.training_progress(run, cfg, "fid") == ""
+    assert _states(run)["train_trunk"]["detail"] == "step 30/100 (30%), loss 0.1000"  # a local run: started
 
 
 # ----------------------------------------------------------------------------------------- the live cluster
@@ -389,4 +405,12 @@ def test_time_limit_signal_saves_and_the_job_comes_back(slurm, chain, tmp_path):
     state, restarts = _restarts(job)
     assert state == "RUNNING" and restarts >= 1  # not TIMEOUT: the signal came early enough to save and requeue
     assert f"stopped at step {resumed} on a preemption signal" in _log(run)
+    out = pixelgen("status", str(run)).stdout
+    assert "running" in out and "requeued 1x" in out and "/1000000 (0%)" in out and "ETA" in out
+    # `status --watch` into a pipe prints a table per change of state and returns once nothing can change.
+    watch = subprocess.Popen([str(Path(sys.executable).parent / "pixelgen"), "status", str(run), "--watch", "--every", "1"], stdout=subprocess.PIPE, text=True)
+    time.sleep(3)
     pixelgen("cancel", str(run))
+    out, _ = watch.communicate(timeout=60)
+    assert watch.returncode == 0 and out.index("running") < out.index("cancelled")
+    assert out.count("train_trunk │") == 2  # once running, once cancelled: not a table per second
