@@ -408,7 +408,8 @@ def test_time_limit_signal_saves_and_the_job_comes_back(slurm, chain, tmp_path):
     out = pixelgen("status", str(run)).stdout
     assert "running" in out and "requeued 1x" in out and "/1000000 (" in out and "ETA" in out
     # `status --watch` into a pipe prints a table per change of state and returns once nothing can change.
-    watch = subprocess.Popen([str(Path(sys.executable).parent / "pixelgen"), "status", str(run), "--watch", "--every", "1"], stdout=subprocess.PIPE, text=True)
+    watch = subprocess.Popen([str(Path(sys.executable).parent / "pixelgen"), "status", str(run), "--watch",
+                              "--every", "1"], stdout=subprocess.PIPE, text=True)
     time.sleep(3)
     pixelgen("cancel", str(run))
     out, _ = watch.communicate(timeout=60)
