@@ -64,14 +64,21 @@ def _refuse_if_busy(run_dir: Path) -> None:
                           f"with `pixelgen status {run_dir}`, or `pixelgen cancel {run_dir}` first")
 
 
+# What submitting needs on this machine: sbatch queues the jobs, and submitit will not start without srun.
+SUBMIT_BINARIES = ("sbatch", "srun")
+
+
 def _load_cluster(name: str, cfg, dry_run: bool = False):
     """The profile, checked on its own and against the experiment, before anything is submitted."""
     from pipeline import cluster
 
     path, profile = cluster.load_profile(name)
-    if shutil.which("sbatch") is None and not dry_run:
-        raise ConfigError(f"--cluster {name} needs SLURM's sbatch on PATH: submit from a login node of the cluster "
-                          f"(or start the local one: sudo slurm/local/up); --dry-run writes the job scripts anyway")
+    missing = [b for b in SUBMIT_BINARIES if shutil.which(b) is None]
+    if missing and not dry_run:
+        raise ConfigError(f"--cluster {name} needs SLURM's {' and '.join(missing)} on PATH (not found): submit from "
+                          f"a login node of the cluster, or install the client tools (Debian: apt-get install "
+                          f"slurm-client) with the cluster's slurm.conf and munge key, or start a local test cluster "
+                          f"(sudo slurm/local/up); --dry-run writes the job scripts without any of them")
     cluster.check_experiment(cfg, profile, f"{cfg.name} on cluster profile {path}")
     cluster.check_partitions(profile, path)
     return path, profile

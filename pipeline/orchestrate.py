@@ -203,6 +203,15 @@ class SubmissionError(RuntimeError):
     """sbatch refused a stage's job; the stages before it are queued and listed in the run record."""
 
 
+class _ScriptWriter(submitit.SlurmExecutor):
+    """A SlurmExecutor that only renders job scripts (`--dry-run`). submitit's refuses to exist without `srun`
+    on PATH, but writing a script to read needs no Slurm client: a laptop can inspect what a cluster would get."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
 def submit_slurm(cfg, run_dir: Path, profile_path: str, profile: cluster.ClusterProfile, command: str = "run",
                  dry_run: bool = False) -> dict[str, dict]:
     """Submit every unfinished stage at once, each `afterok` on the one before (an array's id waits for all
@@ -220,7 +229,8 @@ def submit_slurm(cfg, run_dir: Path, profile_path: str, profile: cluster.Cluster
             dependency = f"afterok:{previous}" if previous else None
             if dry_run and previous:
                 dependency = f"afterok:<job id of {previous}>"
-            executor = submitit.SlurmExecutor(folder=folder / "%j", python=python, max_num_timeout=0)
+            kind = _ScriptWriter if dry_run else submitit.SlurmExecutor
+            executor = kind(folder=folder / "%j", python=python, max_num_timeout=0)
             executor.update_parameters(**cluster.job_parameters(cfg, run_dir, profile, stage, dependency))
             tasks = cfg.shard.array_tasks if stage == "shard" else 1
             if dry_run:

@@ -86,14 +86,42 @@ def test_dry_run_and_executor_options_need_the_right_partner(tmp_path):
     assert proc.returncode == 2 and "pick one" in proc.stdout
 
 
+def test_submitting_without_slurm_names_the_missing_tools(tmp_path, fake_imagenet):
+    proc = pixelgen("run", str(TINY), f"run_dir={tmp_path / 'run'}", f"data.imagenet_dir={fake_imagenet}",
+                    "--cluster", "local", check=False, env=_without_slurm(tmp_path))
+    assert proc.returncode == 2
+    out = " ".join(proc.stdout.split())  # rich wraps long lines
+    assert "needs SLURM's sbatch and srun on PATH" in out and "apt-get install slurm-client" in out
+    assert "--dry-run writes the job scripts" in out
+    assert not (tmp_path / "run").exists()  # nothing prepared, nothing submitted
+
+
 def test_cluster_keys_moved_out_of_the_experiment():
     with pytest.raises(ConfigError, match=r"launch.train_trunk.partition' moved to the cluster profile"):
         load_config(TINY, ["launch.train_trunk.partition=gpu"])
 
 
+SLURM_BINARIES = ("srun", "sbatch", "sinfo", "squeue", "scontrol", "slurmctld", "slurmd", "munged")
+
+
+def _without_slurm(tmp_path: Path) -> dict[str, str]:
+    """The environment of a laptop without any Slurm tool, whatever this machine has installed: PATH holds the
+    venv's bin folder and git alone (the run records the revision). The live tests may have installed Slurm
+    already, or not yet; this makes the dry-run tests independent of both."""
+    tools = tmp_path / "no-slurm-bin"
+    tools.mkdir(exist_ok=True)
+    git = shutil.which("git")
+    if git and not (tools / "git").exists():
+        (tools / "git").symlink_to(git)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{tools}"
+    found = {b: shutil.which(b, path=path) for b in SLURM_BINARIES}
+    assert not any(found.values()), f"Slurm tools still on the test PATH: {found}"
+    return {**os.environ, "PATH": path}
+
+
 def _dry_run(tmp_path, fake_imagenet, profile: Path, *overrides: str) -> dict[str, str]:
     run = tmp_path / "run"
-    env = {**os.environ, "WANDB_API_KEY": SECRET}
+    env = {**_without_slurm(tmp_path), "WANDB_API_KEY": SECRET}
     pixelgen("run", str(TINY), f"run_dir={run}", f"data.imagenet_dir={fake_imagenet}", *overrides,
              "--cluster", str(profile), "--dry-run", env=env)
     scripts = {p.stem: p.read_text() for p in (run / "submitit" / "dry-run").glob("*.sh")}
