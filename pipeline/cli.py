@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import shutil
 import sys
 import time
@@ -13,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.config import STAGES, ConfigError, load_config
+import pixelgen
+from pipeline.config import STAGES, ConfigError, _explain, load_config
 
 console = Console(soft_wrap=True)  # long paths and messages stay on one line, copyable
 
@@ -214,15 +216,16 @@ def cmd_shards_write(args) -> int:
 
     overrides = OmegaConf.from_dotlist(args.overrides)
     resolution = overrides.pop("resolution", 256)
+    if isinstance(resolution, bool) or not isinstance(resolution, int):
+        raise ConfigError(f"command line: key 'resolution' = {resolution!r}: must be an integer (the center crop "
+                          "size in pixels)")
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(ShardConfig), overrides)
     except OmegaConfBaseException as err:  # names the key and the expected type
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"command line: {f'key {key!r}: ' if key else ''}{str(err).splitlines()[0]}; "
-                          "see `pixelgen shards write -h` for the settings") from None
+        raise _explain(err, "command line", unknown="see `pixelgen shards write -h` for the settings") from None
     cfg = OmegaConf.to_object(cfg)
     task = array_task(cfg.array_tasks)
-    manifest = write_shards(args.src, args.out, cfg, int(resolution), progress=True, task=task)
+    manifest = write_shards(args.src, args.out, cfg, resolution, progress=True, task=task)
     if manifest is None:
         console.print(f"array task {task} of {cfg.array_tasks} done; the last task to finish writes the manifest")
         return 0
@@ -383,30 +386,41 @@ def cmd_fake_imagenet(args) -> int:
     return 0
 
 
+_FMT = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their line breaks
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="pixelgen", formatter_class=fmt, epilog=EPILOG,
+        prog="pixelgen", formatter_class=_FMT, epilog=EPILOG,
         description="Train pixel-space image generators: shard ImageNet -> train the semantic trunk -> "
                     "train the pixel decoder -> FID, locally or on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_chain_commands(sub)
+    _add_run_dir_commands(sub)
+    _add_data_commands(sub)
+    return parser
 
-    def executor_arg(p):
-        p.add_argument("--executor", choices=("local", "debug"), default="local",
-                       help="without --cluster: local = subprocesses on this machine (default); debug = in this "
-                            "process")
 
-    def config_args(p):
-        p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="config overrides, e.g. train_trunk.steps=100 run_dir=runs/try2")
+def _executor_arg(p) -> None:
+    p.add_argument("--executor", choices=("local", "debug"), default="local",
+                   help="without --cluster: local = subprocesses on this machine (default); debug = in this "
+                        "process")
 
-    p = sub.add_parser("run", formatter_class=fmt, help="validate the config, then run or submit the whole chain",
+
+def _config_args(p) -> None:
+    p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train_trunk.steps=100 run_dir=runs/try2")
+
+
+def _add_chain_commands(sub) -> None:
+    """run (the whole chain) and stage (one stage in this process)."""
+    p = sub.add_parser("run", formatter_class=_FMT, help="validate the config, then run or submit the whole chain",
                        description="Validate the config, then hand every unfinished stage to submitit, each "
                                    "depending on the one before. Rerunning the same command on the same run "
                                    "folder skips finished stages and resumes an unfinished one.")
-    config_args(p)
-    executor_arg(p)
+    _config_args(p)
+    _executor_arg(p)
     p.add_argument("--cluster", metavar="NAME",
                    help="submit to SLURM with the cluster profile slurm/NAME.yaml (or a YAML path): every stage "
                         "at once, each afterok on the one before; e.g. --cluster local (slurm/local/up)")
@@ -414,13 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cluster: write the job scripts under RUN_DIR/submitit/dry-run/ and submit nothing")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("stage", formatter_class=fmt, help="run one stage in this process",
+    p = sub.add_parser("stage", formatter_class=_FMT, help="run one stage in this process",
                        description="Run one stage in this process, under the same contract as `run`: a finished "
                                    "stage is a no-op, an interrupted one resumes. Earlier stages must be done.")
     p.add_argument("name", choices=STAGES, help="the stage")
-    config_args(p)
+    _config_args(p)
     p.set_defaults(func=cmd_stage)
 
+
+def _add_run_dir_commands(sub) -> None:
+    """status, cancel and resume: what to do with a run folder."""
     p = sub.add_parser("status", help="show the state of each stage of a run folder",
                        description="Show each stage's state (done, running, pending, requeued, failed, cancelled, "
                                    "not run), SLURM job id, elapsed time, latest complete checkpoint, training "
@@ -440,22 +457,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run folder")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("resume", formatter_class=fmt, help="run or submit a run's unfinished stages again",
+    p = sub.add_parser("resume", formatter_class=_FMT, help="run or submit a run's unfinished stages again",
                        description="Resubmit only the stages of RUN_DIR without a DONE marker, with the saved "
                                    "config; an interrupted training stage continues from its latest complete "
                                    "checkpoint. A SLURM run goes back to the cluster profile in its run record "
                                    "(re-read, so a fixed profile applies); a local run runs here.")
     p.add_argument("run_dir", help="the run folder")
     p.add_argument("--cluster", metavar="NAME", help="submit to this cluster profile instead of the recorded one")
-    executor_arg(p)
+    _executor_arg(p)
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("shards", formatter_class=fmt, help="write or verify WebDataset shards outside a run",
+
+def _add_data_commands(sub) -> None:
+    """shards (write, verify) and fake-imagenet: data outside a run."""
+    p = sub.add_parser("shards", formatter_class=_FMT, help="write or verify WebDataset shards outside a run",
                        description="Shard an ImageNet folder once, to point many runs at it (data.shard_dir), or "
                                    "check shards against their manifest.")
     shards_sub = p.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
     q = shards_sub.add_parser(
-        "write", formatter_class=fmt, help="shard an ImageNet folder",
+        "write", formatter_class=_FMT, help="shard an ImageNet folder",
         description="Shard an ImageNet folder (train/<wnid>/*.JPEG; val as <wnid>/ folders, or flat with "
                     "LOC_val_solution.csv or the devkit's labels; or the Kaggle release root). Resumable: rerun "
                     "the same command after an interruption. Inside a SLURM job array with shard.array_tasks=N "
@@ -477,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workers", type=int, default=4, help="shards hashed in parallel (default 4)")
     q.set_defaults(func=cmd_shards_verify)
 
-    p = sub.add_parser("fake-imagenet", formatter_class=fmt, help="generate a small ImageNet-layout dataset",
+    p = sub.add_parser("fake-imagenet", formatter_class=_FMT, help="generate a small ImageNet-layout dataset",
                        description="Write a small synthetic dataset in ImageNet's layout "
                                    "(train/<wnid>/<wnid>_<n>.JPEG, val/<wnid>/ILSVRC2012_val_<n>.JPEG) whose "
                                    "classes differ in shape, colour and texture. Used by the demo and the tests.")
@@ -488,16 +508,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="shorter image side in pixels (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_fake_imagenet)
-    return parser
+
+
+# Where pixelgen's and the pipeline's own checks live: their `raise` statements report bad input.
+_OWN_CODE = (Path(pixelgen.__file__).resolve().parent, Path(__file__).resolve().parent)
+
+
+def _raised_by_a_check(err: BaseException) -> bool:
+    """Whether `err` was raised by a `raise` statement of pixelgen or the pipeline. Both report bad input (a value,
+    a file's contents, a corrupt shard) as a ValueError whose message names the file, key or value and says what
+    to do; a ValueError raised anywhere else (an unpacking error, int() of a bad string, a library's shape
+    check) is a bug, and its traceback is what finds it."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if not any(root in path.parents for root in _OWN_CODE):
+        return False
+    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """User errors (a config key, a path, a file's contents, a busy run folder) are one line and exit 2; anything
+    else propagates with its traceback."""
     from pipeline.rundir import StageBusy
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, PermissionError, StageBusy, ValueError) as err:
+        if isinstance(err, ValueError) and not isinstance(err, ConfigError) and not _raised_by_a_check(err):
+            raise  # a bug, not bad input: Python prints the traceback
         console.print(f"[red]error:[/red] {err}")
         return 2
 

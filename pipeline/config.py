@@ -72,16 +72,19 @@ class ExperimentConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _explain(err: OmegaConfBaseException, source: str, unknown: str | None = None) -> ConfigError:
+    """The ConfigError for OmegaConf's error on merging YAML or overrides into a typed schema (the experiment,
+    a cluster profile, the shard settings): names `source` and the key; `unknown` says what to do about an
+    unknown key (default: the experiment's schema)."""
     key = getattr(err, "full_key", None) or "?"
     msg = getattr(err, "msg", None) or str(err)
     msg = msg.split("\n")[0]
-    if key.startswith("launch.") and key.split(".")[-1] in _MOVED:
+    if key.startswith("launch.") and key.split(".")[-1] in _MOVED:  # only the experiment has launch.<stage>
         return ConfigError(f"{source}: key '{key}' moved to the cluster profile (slurm/<name>.yaml, key "
                            f"'{_MOVED[key.split('.')[-1]]}'), selected with --cluster NAME; the experiment's "
                            f"launch.<stage> keeps only tasks and timeout_min for local runs")
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
-        hint = "remove it or check its spelling against the schema (pixelgen/*/config.py)"
+        hint = unknown or "remove it or check its spelling against the schema (pixelgen/*/config.py)"
         return ConfigError(f"{source}: unknown key '{key}': {hint}")
     return ConfigError(f"{source}: bad value for key '{key}': {msg}")
 

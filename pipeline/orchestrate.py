@@ -147,6 +147,19 @@ _NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d .*\] \[(INFO|DEBUG)\]|^submitit INFO|No
                     r"Setting accelerator to CPU|deepspeed_shm_comm_op built|_do_optimizer_sanity_check")
 
 
+def _array_tasks(cfg, stage: str) -> int:
+    return cfg.shard.array_tasks if stage == "shard" else 1
+
+
+def _submit_stage(executor, stage: str, run_dir: Path, tasks: int) -> list:
+    """One job, or for `tasks` > 1 one job array in which each task writes its own range of shards."""
+    if tasks > 1:
+        with executor.batch():  # submitted as one array when the block ends
+            jobs = [executor.submit(StageJob(stage, str(run_dir), task=t)) for t in range(tasks)]
+        return jobs
+    return [executor.submit(StageJob(stage, str(run_dir)))]
+
+
 def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict[str, dict]:
     """Run every unfinished stage in order on this machine. Returns {stage: summary}. `echo(line)` receives
     local jobs' log lines live."""
@@ -160,12 +173,7 @@ def submit_chain(cfg, run_dir: Path, kind: str, on_done=None, echo=None) -> dict
                 on_done(stage, results[stage])
             continue
         _configure(executor, cfg, stage)
-        tasks = cfg.shard.array_tasks if stage == "shard" else 1
-        if tasks > 1:  # one job array: each task writes its own range of shards
-            with executor.batch():
-                jobs = [executor.submit(StageJob(stage, str(run_dir), task=t)) for t in range(tasks)]
-        else:
-            jobs = [executor.submit(StageJob(stage, str(run_dir)))]
+        jobs = _submit_stage(executor, stage, run_dir, _array_tasks(cfg, stage))
         outcomes = []
         for job in jobs:
             try:
@@ -203,6 +211,12 @@ class SubmissionError(RuntimeError):
     """sbatch refused a stage's job; the stages before it are queued and listed in the run record."""
 
 
+# How sbatch's refusal reaches us: submitit raises FailedJobError with sbatch's stderr when sbatch exits non-zero
+# (caused by the CalledProcessError), and FailedSubmissionError when it finds no job id in sbatch's output.
+# Anything else raised while submitting is not sbatch's answer and keeps its traceback.
+_REFUSED = (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError)
+
+
 class _ScriptWriter(submitit.SlurmExecutor):
     """A SlurmExecutor that only renders job scripts (`--dry-run`). submitit's refuses to exist without `srun`
     on PATH, but writing a script to read needs no Slurm client: a laptop can inspect what a cluster would get."""
@@ -232,23 +246,19 @@ def submit_slurm(cfg, run_dir: Path, profile_path: str, profile: cluster.Cluster
             kind = _ScriptWriter if dry_run else submitit.SlurmExecutor
             executor = kind(folder=folder / "%j", python=python, max_num_timeout=0)
             executor.update_parameters(**cluster.job_parameters(cfg, run_dir, profile, stage, dependency))
-            tasks = cfg.shard.array_tasks if stage == "shard" else 1
+            tasks = _array_tasks(cfg, stage)
             if dry_run:
                 jobs[stage] = {"script": str(_write_script(executor, folder, stage, tasks))}
                 previous = stage
                 continue
-            if tasks > 1:  # one job array: each task writes its own range of shards
-                with executor.batch():
-                    submitted = [executor.submit(StageJob(stage, str(run_dir), task=t)) for t in range(tasks)]
-            else:
-                submitted = [executor.submit(StageJob(stage, str(run_dir)))]
+            submitted = _submit_stage(executor, stage, run_dir, tasks)
             jobs[stage] = {"job_id": submitted[0].job_id.split("_")[0], "tasks": tasks}
             previous = jobs[stage]["job_id"]
-    except Exception as err:  # sbatch's own message names what it refused
+    except _REFUSED as err:  # sbatch's own message names what it refused
         queued = ", ".join(f"{name} {job['job_id']}" for name, job in jobs.items())
         hint = (f"; already queued: {queued} (pixelgen cancel {run_dir}, fix the cause, then pixelgen resume "
                 f"{run_dir})") if jobs and not dry_run else ""
-        raise SubmissionError(f"the job of stage '{stage}' was not submitted: {str(err).strip()}{hint}") from None
+        raise SubmissionError(f"the job of stage '{stage}' was not submitted: {str(err).strip()}{hint}") from err
     finally:
         if jobs and not dry_run:
             cluster.add_submission(run_dir, cfg, command, profile_path, profile, jobs)

@@ -16,12 +16,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from pipeline import cluster, rundir
+from pipeline import cli, cluster, orchestrate, rundir
 from pipeline.config import ConfigError, load_config
 from tests.conftest import ROOT, TINY, chain_args, pixelgen
 
@@ -216,6 +217,75 @@ def test_training_progress_reads_the_newest_records(tmp_path):
     assert cluster.training_progress(run, cfg, "train_trunk", eta=False) == "step 30/100 (30%), loss 0.1000"
     assert cluster.training_progress(run, cfg, "fid") == ""
     assert _states(run)["train_trunk"]["detail"] == "step 30/100 (30%), loss 0.1000"  # a local run: started
+
+
+# ------------------------------------------------------------------------------------- errors (no cluster)
+def _submissions(tmp_path, monkeypatch, later_stages_raise: Exception):
+    """A run to submit to the local profile where sbatch queues the shard stage as job 4242 and the next
+    stage's submission raises `later_stages_raise`; no Slurm tool is needed."""
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/data"])
+    run = rundir.prepare(cfg)
+    monkeypatch.setattr(orchestrate.submitit, "SlurmExecutor", orchestrate._ScriptWriter)  # needs no srun
+
+    def submit(executor, stage, run_dir, tasks):
+        if stage != "shard":
+            raise later_stages_raise
+        return [SimpleNamespace(job_id="4242")]
+
+    monkeypatch.setattr(orchestrate, "_submit_stage", submit)
+    return cfg, run, *cluster.load_profile("local")
+
+
+def test_a_refused_submission_is_one_line_naming_what_is_queued(tmp_path, monkeypatch):
+    from submitit.core.utils import FailedJobError
+
+    refusal = FailedJobError("sbatch: error: Batch job submission failed: Invalid partition name specified")
+    cfg, run, path, profile = _submissions(tmp_path, monkeypatch, refusal)
+    with pytest.raises(orchestrate.SubmissionError) as err:
+        orchestrate.submit_slurm(cfg, run, path, profile)
+    assert str(err.value) == (f"the job of stage 'train_trunk' was not submitted: {refusal}; already queued: shard "
+                              f"4242 (pixelgen cancel {run}, fix the cause, then pixelgen resume {run})")
+    assert err.value.__cause__ is refusal  # sbatch's own exit status and stderr stay reachable
+    assert cluster.latest_jobs(cluster.read_record(run))["shard"]["job_id"] == "4242"
+
+
+def test_a_bug_while_submitting_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only sbatch's refusal becomes a SubmissionError; a bug propagates as itself, and the jobs queued before
+    it are still in the run record."""
+    cfg, run, path, profile = _submissions(tmp_path, monkeypatch, TypeError("a bug in the pipeline"))
+    with pytest.raises(TypeError, match="a bug in the pipeline"):
+        orchestrate.submit_slurm(cfg, run, path, profile)
+    assert cluster.latest_jobs(cluster.read_record(run))["shard"]["job_id"] == "4242"
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the dry run")
+
+    monkeypatch.setattr(orchestrate, "_write_script", broken)
+    with pytest.raises(TypeError, match="a bug in the dry run"):
+        orchestrate.submit_slurm(cfg, run, path, profile, dry_run=True)
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """`pixelgen` prints a ConfigError, or a ValueError that pixelgen's own checks raise, as one line and exits
+    2; any other ValueError propagates, so the console script prints its traceback."""
+    from pixelgen.data import fake_imagenet
+
+    assert cli.main(["fake-imagenet", str(tmp_path / "fake"), "--classes", "0"]) == 2  # pixelgen's own check
+    assert capsys.readouterr().out == "error: fake ImageNet: num_classes=0 must be >= 1\n"
+    assert cli.main(["shards", "write", str(tmp_path), str(tmp_path / "out"), "resolution=big"]) == 2
+    assert capsys.readouterr().out == ("error: command line: key 'resolution' = 'big': must be an integer (the "
+                                       "center crop size in pixels)\n")
+    # Not raised by a check: int() of a broken variable inside the pipeline, and a library's own ValueError.
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "not-a-number")
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        cli.main(["shards", "write", str(tmp_path), str(tmp_path / "out"), "array_tasks=2"])
+
+    def library_bug(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(fake_imagenet, "generate", library_bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(["fake-imagenet", str(tmp_path / "fake")])
 
 
 # ----------------------------------------------------------------------------------------- the live cluster

@@ -46,6 +46,8 @@ def _free_port() -> int:
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM hostlist ("gpu[03-05,09],cpu1" -> "gpu03"); zero padding is kept."""
+    # Only the first name is needed, so no full expansion: python-hostlist would be the first GPL-licensed
+    # package in the image, and `scontrol show hostnames` needs a Slurm client inside the container.
     nodelist = nodelist.strip()
     if not nodelist:
         raise ValueError("empty SLURM node list (SLURM_JOB_NODELIST): cannot choose the rendezvous host")

@@ -1,0 +1,67 @@
+"""The run record (RUN_DIR/run_record.json): one entry per submission, with the command, the profile, the
+config hash, the git revision, the container and each stage's job id; and the jobs a `cancel` stopped."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+import pixelgen
+from pipeline.cluster.profile import ClusterProfile
+from pipeline.config import config_hash
+from pixelgen.io import atomic_write_json, read_json
+
+RECORD = "run_record.json"
+
+
+def read_record(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RECORD
+    return read_json(path, "run record") if path.exists() else None
+
+
+def add_submission(run_dir: Path, cfg, command: str, profile_path: str, profile: ClusterProfile,
+                   jobs: dict[str, dict]) -> dict:
+    from pipeline.rundir import git_revision
+
+    record = read_record(run_dir) or {"submissions": [], "cancelled": []}
+    entry = {
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command,
+        "cluster": profile_path,
+        "profile": OmegaConf.to_container(OmegaConf.structured(profile)),
+        "config_hash": config_hash(cfg),
+        "git_revision": git_revision(),
+        "pixelgen_version": pixelgen.__version__,
+        "container": image_identity(profile),
+        "jobs": jobs,
+    }
+    record["submissions"].append(entry)
+    atomic_write_json(Path(run_dir) / RECORD, record)
+    return entry
+
+
+def latest_jobs(record: dict | None) -> dict[str, dict]:
+    """The newest submission of each stage: {stage: {"job_id": ..., "tasks": ...}}."""
+    jobs: dict[str, dict] = {}
+    for entry in (record or {}).get("submissions", []):
+        jobs.update(entry["jobs"])
+    return jobs
+
+
+def image_identity(p: ClusterProfile) -> dict | None:
+    """What the run record says about the container: image, digest when known (from the profile or an
+    image@sha256:... reference), and for an image file its size and modification time."""
+    c = p.container
+    if c.runtime == "none":
+        return None
+    info: dict[str, Any] = {"runtime": c.runtime, "image": c.image, "digest": c.digest}
+    if not info["digest"] and "@sha256:" in c.image:
+        info["digest"] = "sha256:" + c.image.split("@sha256:")[1]
+    path = Path(c.image).expanduser()
+    if path.is_file():
+        st = path.stat()
+        info.update(size=st.st_size, mtime=datetime.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"))
+    return info
