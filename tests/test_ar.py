@@ -658,3 +658,36 @@ def test_a_random_stand_in_teacher_is_the_same_wherever_it_is_built():
     b = ar.SemanticTeacher(ar_config(), RES, "cpu")
     x = uint8_images()
     assert torch.equal(a(x), b(x))
+
+
+# ------------------------------------------------------------------------------------- cached position tables
+@pytest.mark.parametrize("case", ["discrete-logistic-window", "method-c-pit"])
+def test_cached_position_tables_give_bit_identical_sampling_and_likelihood(case, monkeypatch):
+    from pixelgen.models import layers
+
+    monkeypatch.setattr(layers, "_TABLES", {})
+    if case == "method-c-pit":
+        m = ar_model(res=SMALL, mode="continuous", decoder="pit", adaln="patch")
+    else:
+        m = ar_model(**B_CASES[case])
+    x, y = uint8_images(res=m.resolution), labels()
+    kw = dict(guidance="both", cfg_scale=2.0, semantic_cfg_scale=2.0)
+
+    def outputs():
+        out = [sample(m, kv_cache=kv, **kw) for kv in (True, False)]
+        tensors = [t for s in out for t in (s.images, s.logprob) + ((s.indices,) if s.indices is not None else ())]
+        with torch.no_grad():
+            tensors.append(m.trunk(x, y))
+            if m.method == "pixel_ar":
+                indices = torch.zeros(x.shape[0], m.trunk.num_patches, dtype=torch.long)
+                tensors.append(ar.log_likelihood(m, x, y, indices))
+        return tensors
+
+    with layers.tables_uncached():  # every table rebuilt per call, as before the cache
+        reference = outputs()
+    for run in ("cold", "warm"):
+        for got, want in zip(outputs(), reference, strict=True):
+            assert torch.equal(got, want), f"{case}, {run} cache: differs from tables built per call"
+    if m.method == "pixel_ar":
+        assert m.decoder.rope()[0] is m.decoder.rope()[0], "the pixel AR's table is rebuilt per call"
+    assert m.trunk.rope("cpu")[0] is m.trunk.rope("cpu")[0], "the semantic AR's table is rebuilt per call"

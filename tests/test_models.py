@@ -269,3 +269,104 @@ def test_bad_repa_block_is_named():
     cfg.repa = RepaConfig(weight=0.5, block=3)  # the tiny trunk has 2 blocks
     with pytest.raises(ValueError, match=r"model\.repa\.block"):
         build_generator(cfg, resolution=32)
+
+
+# ------------------------------------------------------------------------------------ cached position tables
+def _outputs(model, x, t, y):
+    """A forward, its gradients and a CFG sampling run (the model twice per step), of one model."""
+    from pixelgen.diffusion import sample
+    from pixelgen.models.config import SamplerConfig
+
+    model.zero_grad()
+    out = model(x, t, y)
+    out.float().square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    cfg = SamplerConfig(kind="heun", steps=2, cfg_scale=2.0, cfg_interval=(0.0, 1.0))
+    # The sampler integrates in fp32: a bf16 model samples under autocast, as the trainer's sample grids do.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=x.dtype == torch.bfloat16):
+        samples = sample(model, y[:2] % NUM_CLASSES, shape=(3, *x.shape[-2:]), cfg=cfg, num_classes=NUM_CLASSES,
+                         generator=torch.Generator().manual_seed(3))
+    return [out.detach(), samples, *grads]
+
+
+@pytest.mark.parametrize("variant", ["pit-compact", "pit-pixel", "mixer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_position_tables_give_bit_identical_forward_gradients_and_samples(variant, dtype, monkeypatch):
+    from pixelgen.models import layers
+
+    monkeypatch.setattr(layers, "_TABLES", {})  # a cold cache, filled by the first cached run below
+    model = wake_zero_inits(tiny_model(**VARIANTS[variant])).to(dtype)  # bf16: what DeepSpeed's bf16 mode does
+    for H, W in [(32, 32), (16, 32)]:  # the trunk's and decoder's grids follow the input
+        x, t, y = inputs(H=H, W=W)
+        x = x.to(dtype)
+        with layers.tables_uncached():  # every table rebuilt per call, as before the cache
+            reference = _outputs(model, x, t, y)
+        for run in ("cold", "warm"):
+            for got, want in zip(_outputs(model, x, t, y), reference, strict=True):
+                assert torch.equal(got, want), f"{variant} {dtype} {H}x{W}, {run} cache: output differs from per-call"
+    assert layers._TABLES, "nothing was cached"
+    assert all(a.dtype == torch.float32 for table in layers._TABLES.values()
+               for a in (table if isinstance(table, tuple) else (table,))), "a cached table is not fp32"
+
+
+def test_position_tables_are_built_once_per_arguments_and_device(monkeypatch):
+    from pixelgen.models import layers
+    from pixelgen.models.layers import sincos_2d, timestep_frequencies
+
+    monkeypatch.setattr(layers, "_TABLES", {})
+    cos, sin = rope_2d(16, 4, 5, device="cpu")
+    again = rope_2d(16, 4, 5, device=torch.device("cpu"))
+    assert again[0] is cos and again[1] is sin
+    assert rope_2d(16, 4, 6)[0] is not cos and rope_2d(16, 4, 5, extent=8.0)[0] is not cos
+    assert sincos_2d(8, 3, 4, device="cpu") is sincos_2d(8, 3, 4, device="cpu")
+    assert timestep_frequencies(256, 10.0, device="cpu") is timestep_frequencies(256, 10.0, device="cpu")
+    with layers.tables_uncached():
+        fresh = rope_2d(16, 4, 5)
+    assert fresh[0] is not cos and torch.equal(fresh[0], cos) and torch.equal(fresh[1], sin)
+    # A table first built where its ops could run differently (autocast, inference mode) is the one built plainly.
+    monkeypatch.setattr(layers, "_TABLES", {})
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        primed = rope_2d(16, 4, 5), sincos_2d(8, 3, 4), timestep_frequencies(256, 10.0)
+    assert not any(t.is_inference() for t in (*primed[0], primed[1], primed[2]))
+    assert all(torch.equal(a, b) for a, b in zip((*primed[0], primed[1], primed[2]), (cos, sin, sincos_2d(8, 3, 4),
+                                                                                      timestep_frequencies(256, 10.0))))
+    assert primed[0][0] is rope_2d(16, 4, 5)[0]
+
+
+def test_a_table_first_built_under_inference_mode_serves_training(monkeypatch):
+    from pixelgen.models import layers
+
+    monkeypatch.setattr(layers, "_TABLES", {})
+    model = wake_zero_inits(tiny_model())
+    x, t, y = inputs()
+    with torch.inference_mode():  # how the FID stage samples: the first forward fills the cache
+        model(x, t, y)
+    model(x, t, y).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fake_and_meta_tables_are_never_cached(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from pixelgen.models import layers
+
+    monkeypatch.setattr(layers, "_TABLES", {})
+    with FakeTensorMode():  # the memory estimator's trace: a cached real tensor would be rejected here
+        fake = rope_2d(16, 4, 5, device="cpu")
+    assert isinstance(fake[0], FakeTensor)
+    assert rope_2d(16, 4, 5, device="meta")[0].is_meta
+    assert not layers._TABLES
+    real = rope_2d(16, 4, 5, device="cpu")
+    assert not isinstance(real[0], FakeTensor) and not real[0].is_meta
+    with FakeTensorMode():
+        assert isinstance(rope_2d(16, 4, 5, device="cpu")[0], FakeTensor)  # not the cached real one
+    with torch.device("meta"):
+        assert rope_2d(16, 4, 5)[0].is_meta
+
+
+def test_state_dict_holds_no_position_tables():
+    model = tiny_model()
+    before = {name: tuple(v.shape) for name, v in model.state_dict().items()}
+    model(*inputs())
+    assert {name: tuple(v.shape) for name, v in model.state_dict().items()} == before
+    assert set(before) == {name for name, _ in model.named_parameters()}

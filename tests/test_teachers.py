@@ -210,6 +210,26 @@ def test_lora_starts_as_identity_trains_only_adapters():
     assert not torch.allclose(after, before, atol=1e-4)
 
 
+def test_lora_math_and_saved_names_are_the_format():
+    """The exported weights name the adapters `<linear>.lora_A` [rank, in] and `<linear>.lora_B` [out, rank] beside
+    `<linear>.base.*`, and the update is base(x) + B A x (scale alpha / rank = 1): what peft's LoRA computes too,
+    under other names (docs/architecture.md says why this stays hand-written)."""
+    encoder = random_dino(V3, 0)
+    add_lora(encoder, rank=4)
+    qkv = encoder.blocks[0].attn.qkv
+    shapes = {n: tuple(v.shape) for n, v in encoder.state_dict().items() if n.startswith("blocks.0.attn.qkv.")}
+    dim = encoder.embed_dim
+    assert shapes == {"blocks.0.attn.qkv.base.weight": (3 * dim, dim), "blocks.0.attn.qkv.lora_A": (4, dim),
+                      "blocks.0.attn.qkv.lora_B": (3 * dim, 4)}
+    assert isinstance(encoder.patch_embed.proj, nn.Conv2d), "the patch embedding's conv (also named proj) got LoRA"
+    with pytest.raises(AttributeError):
+        qkv.weight  # code reading the weight directly would skip the adapter: it must fail instead
+    with torch.no_grad():
+        qkv.lora_B.normal_()
+    x = torch.randn(3, dim)
+    torch.testing.assert_close(qkv(x), qkv.base(x) + (x @ qkv.lora_A.T) @ qkv.lora_B.T, rtol=1e-5, atol=1e-5)
+
+
 # --- the DINO student ------------------------------------------------------------------------------------------
 
 def make_student(weights_file, lora_rank=0, seed=0, **kw):

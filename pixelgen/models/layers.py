@@ -1,11 +1,17 @@
 """Building blocks shared by the patch-level trunk and the pixel-level decoder (PixelDiT)."""
 
+import contextlib
+import functools
 import math
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
+
+T = TypeVar("T")
 
 
 def modulate(x, shift, scale):
@@ -39,6 +45,58 @@ class RMSNorm(nn.Module):
         return (x_fp32 * self.weight.float()).type_as(x)
 
 
+# Position tables (RoPE cos/sin, 2D sin-cos, timestep frequencies) depend on shapes only, yet were rebuilt by
+# every forward, at every step of a sampler. They are memoised here, per arguments and device, rather than held as
+# buffers: DeepSpeed's bf16 mode casts a module's floating buffers to bf16, and RoPE is applied in fp32; the input
+# grid of a trunk or decoder is the image's, known only at the call; and a dict outside the modules leaves state
+# dicts, checkpoints and exported weights as they were.
+_TABLES: dict[tuple, object] = {}
+_caching = True
+
+
+@contextlib.contextmanager
+def tables_uncached():
+    """Rebuild every position table on every call inside this block, as before they were cached: the reference
+    that tests/test_models.py and benchmarks/position_tables.py compare the cached tables against."""
+    global _caching
+    before, _caching = _caching, False
+    try:
+        yield
+    finally:
+        _caching = before
+
+
+def cached_table(key: tuple, device, build: Callable[[], T]) -> T:
+    """`build()` the first time for (key, device, default dtype), the same tensors every time after; callers must
+    not modify them in place.
+
+    Built fresh, as before, where a cached tensor would be wrong: on the meta device; under a torch dispatch
+    mode (the memory estimator's FakeTensorMode rejects real tensors and its fake ones must not leak out;
+    FlopCounterMode); while torch.compile traces (the graph computes its own). Built outside inference mode, so
+    a table first made while sampling under torch.inference_mode is an ordinary tensor that training can use.
+    """
+    if torch.compiler.is_compiling() or not _caching or is_in_torch_dispatch_mode():
+        return build()
+    device = torch.get_default_device() if device is None else torch.device(device)
+    if device.type == "meta":
+        return build()
+    full_key = (*key, device, torch.get_default_dtype())
+    table = _TABLES.get(full_key)
+    if table is None:
+        with torch.inference_mode(False), torch.no_grad():
+            table = _TABLES[full_key] = build()
+    return table
+
+
+def _memoised(build: Callable[..., T]) -> Callable[..., T]:
+    """A table builder f(*args, device=None, **kwargs) with hashable arguments, cached by `cached_table`."""
+    @functools.wraps(build)
+    def table(*args, device=None, **kwargs):
+        key = (build.__qualname__, args, tuple(sorted(kwargs.items())))
+        return cached_table(key, device, lambda: build(*args, device=device, **kwargs))
+    return table
+
+
 def rope_at(head_dim: int, rows_L, cols_L, *, theta: float = 10_000.0):
     """cos/sin tables, each [L, head_dim/2], for tokens at explicit (row, col) coordinates (any real values).
 
@@ -53,11 +111,12 @@ def rope_at(head_dim: int, rows_L, cols_L, *, theta: float = 10_000.0):
     return angles_LP.cos(), angles_LP.sin()
 
 
+@_memoised
 def rope_2d(head_dim: int, h: int, w: int, *, theta: float = 10_000.0, extent: float = 16.0, device=None):
     """rope_at for an h x w token grid in row-major order.
 
     Positions are spread over a fixed `extent` whatever the grid size (PixelDiT's linspace(0, 16, n)),
-    so the angles a model sees do not grow with resolution.
+    so the angles a model sees do not grow with resolution. Cached per arguments and device (`cached_table`).
     """
     rows = torch.linspace(0, extent, h, device=device)[:, None].expand(h, w)
     cols = torch.linspace(0, extent, w, device=device)[None, :].expand(h, w)
@@ -73,8 +132,10 @@ def apply_rope(x, cos_LP, sin_LP):
     return torch.view_as_real(x_c * torch.complex(cos_LP, sin_LP)).flatten(-2).type_as(x)
 
 
+@_memoised
 def sincos_2d(dim: int, h: int, w: int, *, device=None):
-    """Fixed 2D sin-cos absolute position embedding [h, w, dim]: half the channels encode the row, half the column."""
+    """Fixed 2D sin-cos absolute position embedding [h, w, dim]: half the channels encode the row, half the column.
+    Cached per arguments and device (`cached_table`)."""
     if dim % 4:
         raise ValueError(f"2D sin-cos position embedding needs dim divisible by 4, got {dim}")
     omega_F = 10_000.0 ** (-torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
@@ -150,9 +211,14 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def timestep_features(t_B, dim: int, max_period: float):
+@_memoised
+def timestep_frequencies(dim: int, max_period: float, *, device=None):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t_B.device) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+
+def timestep_features(t_B, dim: int, max_period: float):
+    freqs = timestep_frequencies(dim, max_period, device=t_B.device)
     args_BF = t_B.float()[:, None] * freqs
     return torch.cat([args_BF.cos(), args_BF.sin()], dim=-1)
 

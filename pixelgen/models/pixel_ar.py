@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .layers import CausalTransformer, RMSNorm, ZConditioned, init_linear_xavier, rope_at
+from pixelgen.viz import to_uint8
+
+from .layers import CausalTransformer, RMSNorm, ZConditioned, cached_table, init_linear_xavier, rope_at
 
 OUTPUTS = ("categorical", "logistic")
 CONTEXTS = ("none", "prev", "window")
@@ -27,8 +29,9 @@ LEVELS = 256
 
 
 def to_values(x: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] -> integer values 0..255 (exact for images that came from uint8)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).long()
+    """Pixels in [-1, 1] -> integer values 0..255 (exact for images that came from uint8): the evaluation's uint8
+    conversion, as long indices."""
+    return to_uint8(x).long()
 
 
 def to_pixels(values: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,11 @@ class PixelARDecoder(ZConditioned):
         return self.context_len + self.pixels
 
     def rope(self):
-        return rope_at(self.body.head_dim, self.pos_rows, self.pos_cols)
+        """cos/sin [seq_len, head_dim/2] of the sequence positions, built once per device (`cached_table`): the
+        positions are a function of the patch size and the context slots alone."""
+        key = ("PixelARDecoder.rope", self.body.head_dim, self.patch_size, self.slots)
+        return cached_table(key, self.pos_rows.device,
+                            lambda: rope_at(self.body.head_dim, self.pos_rows, self.pos_cols))
 
     # ------------------------------------------------------------------------------------------ inputs
     def embed_values(self, values_N3: torch.Tensor) -> torch.Tensor:
