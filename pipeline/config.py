@@ -15,13 +15,13 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pixelgen.ar import CFG_SCHEDULES, GUIDANCE, needs_teacher
+from pixelgen import families
+from pixelgen.ar import CFG_SCHEDULES, GUIDANCE
 from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.diffusion import OBJECTIVES, SAMPLERS
 from pixelgen.engine.config import PRECISIONS, LoggingConfig, TrainConfig
 from pixelgen.eval.config import FIDConfig
-from pixelgen.models import check_model_config
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 from pixelgen.models.teachers import check_weights as check_teacher_weights
 
@@ -145,7 +145,7 @@ def validate(cfg, source: str = "config") -> None:
     if cfg.model.num_classes != cfg.data.num_classes:
         fail("model.num_classes", cfg.model.num_classes, f"must equal data.num_classes={cfg.data.num_classes}")
     try:
-        check_model_config(OmegaConf.to_object(cfg.model), res)
+        families.check_model_config(OmegaConf.to_object(cfg.model), res)
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
     if not 0.0 <= cfg.model.class_dropout < 1.0:
@@ -160,29 +160,14 @@ def validate(cfg, source: str = "config") -> None:
         fail("objective.decoder_patches", cfg.objective.decoder_patches, "must be >= 0 (0 = every patch)")
     if cfg.objective.diffusion_batch_mul < 1:
         fail("objective.diffusion_batch_mul", cfg.objective.diffusion_batch_mul, "must be at least 1")
-    if cfg.model.trunk.kind == "semantic_ar" and cfg.model.trunk.ar.mode == "discrete":
-        patches = (res // cfg.model.trunk.patch_size) ** 2
-        ar = cfg.model.trunk.ar
-        if ar.kmeans_images * patches < ar.dict_size:
-            fail("model.trunk.ar.kmeans_images", ar.kmeans_images,
-                 f"k-means needs at least dict_size={ar.dict_size} features and each image gives {patches}: "
-                 f"use at least {-(-ar.dict_size // patches)} images")
+    family = families.get(cfg.model.trunk.kind)
+    family.check_experiment(cfg, fail)
     if cfg.objective.kind not in OBJECTIVES:
         fail("objective.kind", cfg.objective.kind, f"must be one of {', '.join(OBJECTIVES)}")
     for key in ("t_std", "t_eps", "noise_scale", "time_shift"):
         if cfg.objective[key] <= 0:
             fail(f"objective.{key}", cfg.objective[key], "must be positive")
-    trains_trunk = "train_trunk" in stages or ("train_decoder" in stages and not cfg.train_decoder.freeze_trunk)
-    teachers = []
-    if cfg.model.repa.weight > 0:
-        teachers.append(("model.repa.teacher", cfg.model.repa.teacher))
-    if cfg.model.trunk.kind == "dino_student":  # the student is initialised from its teacher's weights
-        teachers.append(("model.trunk.student.teacher", cfg.model.trunk.student.teacher))
-    teachers = teachers if trains_trunk else []
-    trains_ar = cfg.model.trunk.kind == "semantic_ar" and stages & {"train_trunk", "train_decoder"}
-    if trains_ar and needs_teacher(OmegaConf.to_object(cfg.model)):  # its targets, in both training stages
-        teachers.append(("model.trunk.ar.teacher", cfg.model.trunk.ar.teacher))
-    for key, teacher in teachers:
+    for key, teacher in family.teachers(cfg):
         try:
             check_teacher_weights(teacher, key)
         except (ValueError, FileNotFoundError) as err:

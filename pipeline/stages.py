@@ -11,22 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
 
 from pipeline import rundir
 from pipeline.config import ConfigError, sweep_points, to_container
-from pixelgen import ar as ar_lib
-from pixelgen.alignment import AlignmentLosses
+from pixelgen import families
 from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
 from pixelgen.data.loader import to_float
-from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.engine.dist import init_distributed
-from pixelgen.engine.export import load_weights
+from pixelgen.engine.export import PRIMARY_EMA, load_weights
 from pixelgen.engine.train import TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
 from pixelgen.io import atomic_write, atomic_write_json
-from pixelgen.models import build_generator
 from pixelgen.progress import console
 from pixelgen.viz import save_grid, to_uint8
 
@@ -69,35 +65,9 @@ def stage_shard(cfg, run_dir: Path, task: int | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- training
-def _is_ar(cfg) -> bool:
-    """Methods B and C: the semantic AR trunk, whose objective and sampler live in pixelgen.ar."""
-    return cfg.model.trunk.kind == "semantic_ar"
-
-
-def _end_to_end(cfg) -> bool:
-    ar = cfg.model.trunk.ar
-    return ar.mode == "continuous" and ar.target == "end_to_end"
-
-
-def _objective(cfg) -> FlowMatching:
-    return FlowMatching(cfg.objective, cfg.model.num_classes, cfg.model.class_dropout)
-
-
-def _sampler(cfg, sampler_cfg=None):
-    """(model, labels, generator) -> images in [-1, 1], for any family, with `sampler_cfg` (default: the
-    config's sampler)."""
-    sampler_cfg = cfg.sampler if sampler_cfg is None else sampler_cfg
-    if _is_ar(cfg):
-        return lambda model, y, g: ar_lib.generate(model, y, sampler_cfg, objective=cfg.objective, generator=g).images
-    objective = _objective(cfg)
-    shape = (3, cfg.data.resolution, cfg.data.resolution)
-    return lambda model, y, g: sample(model, y, shape=shape, cfg=sampler_cfg, num_classes=cfg.model.num_classes,
-                                      generator=g, objective=objective)
-
-
 def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
     """A class-balanced grid: `per_class` images for each of the first classes, fixed noise every time."""
-    draw = _sampler(cfg)
+    draw = families.get(cfg.model.trunk.kind).sampler(cfg)
 
     def fn(model) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -113,25 +83,23 @@ def _sample_fn(cfg, per_class: int = 2, max_classes: int = 16):
     return fn
 
 
-def _loss_fn(cfg, stage: str, model_cfg, device, align_trunk: bool):
-    """The stage's loss: flow matching (+ alignment where the trunk trains), or the AR families' objective for
-    the levels this stage trains."""
-    if _is_ar(cfg):
-        tc = cfg[stage]
-        train_semantic = stage == "train_trunk" or not tc.freeze_trunk
-        train_decoder = stage == "train_decoder" or _end_to_end(cfg)  # end to end: z has no other target
-        return ar_lib.ARObjective(model_cfg, cfg.objective, cfg.data.resolution, device,
-                                  train_semantic=train_semantic, train_decoder=train_decoder).loss
-    objective = _objective(cfg)
-    alignment = AlignmentLosses(model_cfg, cfg.data.resolution, device) if align_trunk else None
-    return lambda m, x, y: objective.loss(m, x, y, alignment=alignment)
+def _train_images(cfg, run_dir: Path):
+    """(batch, seed) -> float [-1, 1] batches of the training split, as one rank alone reads them."""
+    def images(batch: int, seed: int):
+        loader = data_loader.train_loader(shard_dir(cfg, run_dir), batch, seed=seed, rank=0, world_size=1,
+                                          num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                          resolution=cfg.data.resolution)
+        return (to_float(x) for x, _ in loader)
+
+    return images
 
 
-def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk: bool, lr_of=None) -> dict:
-    """`align_trunk`: the trunk trains here, so REPA and the DINO student's alignment loss apply."""
+def _train(cfg, run_dir: Path, stage: str, make_model) -> dict:
+    """One training stage of any family: the family says what trains, the loss, the sampler and the curves."""
     tc = cfg[stage]
+    family = families.get(cfg.model.trunk.kind)
     model_cfg = OmegaConf.to_object(cfg.model)
-    loss_fn = _loss_fn(cfg, stage, model_cfg, init_distributed().device, align_trunk)
+    loss_fn = family.loss(cfg, stage, model_cfg, init_distributed().device)
     shards_dir = shard_dir(cfg, run_dir)
     data_shards.shard_paths(shards_dir, "train")  # fail before DeepSpeed starts when the train split is missing
 
@@ -141,8 +109,8 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
                                              shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch,
                                              resolution=cfg.data.resolution))
 
-    task = TrainTask(make_model=make_model, trainable=trainable, loss_fn=loss_fn,
-                     sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=lr_of)
+    task = TrainTask(make_model=make_model, trainable=family.trainable(cfg, stage), loss_fn=loss_fn,
+                     sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=family.lr_of(cfg, stage))
     plain = to_container(cfg)
     result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,
                           run_name=f"{cfg.name}/{stage}", group=cfg.name, run_config=plain,
@@ -159,54 +127,24 @@ def _train(cfg, run_dir: Path, stage: str, make_model, trainable, *, align_trunk
             "curves": str(rundir.stage_dir(run_dir, stage) / "curves.png")}
 
 
-def _dictionary(cfg, run_dir: Path) -> Path:
-    """The discrete semantic AR's dictionary: k-means over the teacher's patch features of a sample of the
-    training set, computed once by rank 0 and kept next to the stage's checkpoints (a restarted stage reads it
-    back), then carried in the model's weights."""
-    path = rundir.stage_dir(run_dir, "train_trunk") / "dictionary.safetensors"
-    dist = init_distributed()
-    if dist.is_main and not path.is_file():
-        ar = cfg.model.trunk.ar
-        t0 = time.time()
-        batch = min(64, ar.kmeans_images)
-        images = data_loader.train_loader(shard_dir(cfg, run_dir), batch, seed=cfg.train_trunk.seed + 1, rank=0,
-                                          world_size=1, num_workers=cfg.data.num_workers,
-                                          shuffle_buffer=cfg.data.shuffle_buffer, resolution=cfg.data.resolution)
-        with console.status(f"dictionary: teacher features of {ar.kmeans_images} images, k-means into "
-                            f"{ar.dict_size} entries"):
-            entries = ar_lib.build_dictionary(OmegaConf.to_object(cfg.model), cfg.data.resolution,
-                                              (to_float(x) for x, _ in images), dist.device, seed=cfg.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file({"dictionary": entries.contiguous()}, tmp))
-        console.print(f"dictionary: {ar.dict_size} entries from {ar.kmeans_images} images in "
-                      f"{time.time() - t0:.1f} s -> {path}", soft_wrap=True)
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-    return path
-
-
 def stage_train_trunk(cfg, run_dir: Path) -> dict:
     _checked_manifest(cfg, run_dir)
-    dictionary = None
-    if _is_ar(cfg) and cfg.model.trunk.ar.mode == "discrete":
-        dictionary = load_file(_dictionary(cfg, run_dir))["dictionary"]
+    ctx = families.StageContext(cfg=cfg, stage="train_trunk", stage_dir=rundir.stage_dir(run_dir, "train_trunk"),
+                                dist=init_distributed(), train_images=_train_images(cfg, run_dir))
+    init = families.get(cfg.model.trunk.kind).prepare(ctx)
 
     def make_model():
-        model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
-        if dictionary is not None:
-            with torch.no_grad():
-                model.trunk.dictionary.copy_(dictionary)
+        model = families.build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+        if init is not None:
+            init(model)
         return model
 
-    # The AR families' trunk stage trains the semantic AR alone, unless z is learned through the decoder.
-    trains_all = not _is_ar(cfg) or _end_to_end(cfg)
-    trainable = (lambda name: True) if trains_all else (lambda name: name.startswith("trunk."))
-    return _train(cfg, run_dir, "train_trunk", make_model, trainable=trainable, align_trunk=True)
+    return _train(cfg, run_dir, "train_trunk", make_model)
 
 
 def _load_generator(cfg, path: Path):
     # No teacher weights for a DINO student's initialisation: the file's weights replace them.
-    model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution, pretrained=False)
+    model = families.build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution, pretrained=False)
     state, _ = load_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -218,21 +156,16 @@ def _load_generator(cfg, path: Path):
 def stage_train_decoder(cfg, run_dir: Path) -> dict:
     _checked_manifest(cfg, run_dir)
     tc = cfg.train_decoder
-    init = Path(tc.init_from) if tc.init_from else rundir.stage_dir(run_dir, "train_trunk") / "export" / "ema.safetensors"
+    init = Path(tc.init_from) if tc.init_from else rundir.stage_dir(run_dir, "train_trunk") / "export" / PRIMARY_EMA
     load_weights(init)  # fail before DeepSpeed starts when the trunk's export is missing
-    # A frozen trunk also freezes the REPA projector that serves it.
-    trainable = (lambda name: name.startswith("decoder.")) if tc.freeze_trunk else (lambda name: True)
-    trunk_lr = tc.trunk_lr if tc.trunk_lr is not None else tc.lr
-    summary = _train(cfg, run_dir, "train_decoder", lambda: _load_generator(cfg, init), trainable,
-                     align_trunk=not tc.freeze_trunk,
-                     lr_of=lambda name: tc.lr if name.startswith("decoder.") else trunk_lr)
+    summary = _train(cfg, run_dir, "train_decoder", lambda: _load_generator(cfg, init))
     return {**summary, "init_from": str(init), "trunk_frozen": tc.freeze_trunk}
 
 
 # ------------------------------------------------------------------------------------------------------ fid
 def _generator_weights(cfg, run_dir: Path) -> Path:
     last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
-    return rundir.stage_dir(run_dir, last) / "export" / ("ema.safetensors" if cfg.fid.ema else "model.safetensors")
+    return rundir.stage_dir(run_dir, last) / "export" / (PRIMARY_EMA if cfg.fid.ema else "model.safetensors")
 
 
 def stage_fid(cfg, run_dir: Path) -> dict:
@@ -276,7 +209,7 @@ def stage_fid(cfg, run_dir: Path) -> dict:
 
     def score(sampler_cfg, what: str) -> tuple[torch.Tensor, dict]:
         g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
-        draw = _sampler(cfg, sampler_cfg)
+        draw = families.get(cfg.model.trunk.kind).sampler(cfg, sampler_cfg)
         chunks = []
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"sampling {labels.numel()} images{what}", total=labels.numel())

@@ -15,7 +15,8 @@ from pixelgen.models.config import ModelConfig
 class AlignmentLosses:
     """Callable (features, x0) -> {name: (weight, loss)}; falsy when no term is active."""
 
-    def __init__(self, model_cfg: ModelConfig, resolution: int, device, *, repa: bool = True, student: bool = True):
+    def __init__(self, model_cfg: ModelConfig, resolution: int, device):
+        from pixelgen.families import get  # the families say which terms they train with
         from pixelgen.models.teachers import DinoTeacher, create_dino, neg_cosine  # imports timm
 
         self._neg_cosine = neg_cosine
@@ -23,15 +24,9 @@ class AlignmentLosses:
         p = model_cfg.trunk.patch_size
         self.grid = (resolution // p, resolution // p)
         self.terms: list[tuple[str, str, float, DinoTeacher]] = []  # (log name, feature key, weight, teacher)
-        if repa and model_cfg.repa.weight > 0:
-            encoder = create_dino(model_cfg.repa.teacher, key="model.repa.teacher")
-            teacher = DinoTeacher(encoder).to(self.device)
-            self.terms.append(("repa_loss", "repa", model_cfg.repa.weight, teacher))
-        trunk = model_cfg.trunk
-        if student and trunk.kind == "dino_student" and trunk.student.align_weight > 0:
-            encoder = create_dino(trunk.student.teacher, key="model.trunk.student.teacher")
-            teacher = DinoTeacher(encoder).to(self.device)
-            self.terms.append(("student_loss", "student", trunk.student.align_weight, teacher))
+        for name, feature, weight, teacher_cfg, key in get(model_cfg.trunk.kind).alignment_terms(model_cfg):
+            teacher = DinoTeacher(create_dino(teacher_cfg, key=key)).to(self.device)
+            self.terms.append((name, feature, weight, teacher))
 
     def __bool__(self) -> bool:
         return bool(self.terms)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pixelgen.diffusion import FlowMatching, sample
-from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
+from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, end_to_end
 from pixelgen.models.pixel_ar import to_pixels
 from pixelgen.models.semantic_ar import kmeans
 
@@ -122,14 +122,18 @@ class ARObjective:
     the AR's unconditional branch; the same probability replaces z by the decoder's null condition."""
 
     def __init__(self, model_cfg: ModelConfig, objective_cfg: ObjectiveConfig, resolution: int, device, *,
-                 train_semantic: bool, train_decoder: bool):
+                 train_semantic: bool, train_decoder: bool, teacher=None):
+        """`teacher`: x0 -> targets [B, L, D] in place of the frozen DINO teacher (the memory estimator's
+        stand-in); default: the teacher the config names, where the objective needs one."""
         ar = model_cfg.trunk.ar
-        self.mode, self.end_to_end = ar.mode, ar.mode == "continuous" and ar.target == "end_to_end"
+        self.mode, self.end_to_end = ar.mode, end_to_end(ar)
         self.learned_dictionary = ar.mode == "discrete" and ar.dictionary == "learned"
         self.train_semantic, self.train_decoder = train_semantic, train_decoder
         self.flow = FlowMatching(objective_cfg, model_cfg.num_classes, model_cfg.class_dropout)
         self.cfg = objective_cfg
-        self.teacher = SemanticTeacher(model_cfg, resolution, device) if needs_teacher(model_cfg) else None
+        if teacher is None and needs_teacher(model_cfg):
+            teacher = SemanticTeacher(model_cfg, resolution, device)
+        self.teacher = teacher
 
     def loss(self, model, x0_BCHW, y_B, generator=None):
         module = getattr(model, "module", model)  # a DeepSpeed engine wraps the generator

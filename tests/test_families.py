@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pixelgen.models import build_generator, count_params
 from tests.conftest import ROOT, TINY, pixelgen
 
@@ -159,3 +159,76 @@ def test_two_ranks_share_rank_zeros_dictionary(tmp_path, tiny_shards):
     entries = load_file(run_dir / "train_trunk" / "dictionary.safetensors")["dictionary"]
     assert torch.equal(load_file(run_dir / "train_trunk" / "export" / "model.safetensors")["trunk.dictionary"],
                        entries)
+
+
+# ------------------------------------------------------------------------------------------- the registry
+FAMILY_CONFIGS = {"tiny": "pixeldit", "tiny_repa": "pixeldit", "tiny_student": "dino_student",
+                  "tiny_dual_ar_discrete": "semantic_ar", "tiny_dual_ar_continuous": "semantic_ar",
+                  "tiny_ar_diffusion": "semantic_ar"}
+STUDENT_STAND_IN = ["model.trunk.student.teacher.weights=null", "model.trunk.student.teacher.allow_random_init=true"]
+
+
+def _tiny(name: str, *overrides: str):
+    return load_config(CONFIGS / f"{name}.yaml", ["data.imagenet_dir=/x", "data.shard_dir=/x", *STUDENT_STAND_IN,
+                                                 *overrides])
+
+
+def test_the_registry_holds_one_family_per_trunk_kind():
+    from pixelgen import families
+
+    assert set(families.KINDS) == set(FAMILY_CONFIGS.values())
+    for kind in families.KINDS:
+        assert families.get(kind).kind == kind
+    with pytest.raises(ValueError, match=r"'model.trunk.kind' = 'nosuch': must be one of pixeldit, dino_student"):
+        families.get("nosuch")
+    # A decoder only another family takes is refused with the family that takes it named.
+    with pytest.raises(ConfigError, match=r"'model.decoder.kind'.*model.trunk.kind=semantic_ar"):
+        _tiny("tiny", "model.decoder.kind=pixel_ar")
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_each_stage_trains_what_its_family_says(name):
+    """Through the family's own loss and the engine's rule (a parameter trains when the family's predicate says
+    so), one backward gives gradients to exactly the parameters the stage trains: the trunk stage of a
+    semantic AR trains the AR alone (unless z is learned end to end), a frozen-trunk decoder stage the decoder."""
+    from pixelgen import families
+    from pixelgen.models.config import end_to_end
+
+    cfg = _tiny(name)
+    family = families.get(cfg.model.trunk.kind)
+    assert family.kind == FAMILY_CONFIGS[name]
+    model_cfg = OmegaConf.to_object(cfg.model)
+    expect = {"train_trunk": "trunk." if family.kind == "semantic_ar" and not end_to_end(model_cfg.trunk.ar) else "",
+              "train_decoder": "decoder."}
+    for stage, prefix in expect.items():
+        torch.manual_seed(0)
+        model = families.build_generator(model_cfg, cfg.data.resolution)
+        trains = family.trainable(cfg, stage)
+        for n, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and trains(n))
+        x = torch.rand(4, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+        y = torch.arange(4) % cfg.model.num_classes
+        loss, parts = family.loss(cfg, stage, model_cfg, "cpu")(model, x, y)
+        loss.backward()
+        got = {n for n, p in model.named_parameters() if p.grad is not None}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert got and got <= trainable, (stage, sorted(got - trainable)[:4])
+        assert all(n.startswith(prefix) for n in trainable), (stage, [n for n in trainable if not n.startswith(prefix)][:4])
+        if prefix:  # the other part is frozen, and really gets nothing
+            assert any(not n.startswith(prefix) for n, _ in model.named_parameters())
+        # Every term the loss logs has a panel in the curves.
+        assert set(parts) - {"loss"} <= set(family.plot_keys), (stage, set(parts) - set(family.plot_keys))
+
+
+@pytest.mark.parametrize("name", ["tiny_dual_ar_discrete", "tiny_ar_diffusion", "tiny_dual_ar_continuous"])
+def test_memory_estimate_of_the_ar_families(name):
+    from pixelgen.models.memory import estimate_memory
+
+    cfg = _tiny(name)
+    model_cfg = OmegaConf.to_object(cfg.model)
+    with torch.device("meta"):
+        model = build_generator(model_cfg, cfg.data.resolution)
+    est = estimate_memory(model_cfg, cfg.data.resolution, batch_size=2)
+    assert est.params_total == count_params(model)
+    assert est.activations_per_sample > 0
+    assert est.activations_per_sample_checkpointed < est.activations_per_sample

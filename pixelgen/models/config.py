@@ -55,6 +55,11 @@ class SemanticARConfig:
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="vit_small_patch16_dinov3"))
 
 
+def end_to_end(ar: SemanticARConfig) -> bool:
+    """The continuous AR without a teacher: z is its own output, trained through the decoder's loss."""
+    return ar.mode == "continuous" and ar.target == "end_to_end"
+
+
 @dataclass
 class TrunkConfig:
     # pixeldit: patch-level DiT (RMSNorm, qk-norm, 2D RoPE, SwiGLU, adaLN-Zero)

@@ -8,7 +8,7 @@ an fp32 copy of the trainable parameters on every rank and is counted apart. Not
 communication buckets, the CUDA context and allocator fragmentation, the REPA / DINO teachers, the data.
 
 Activations are not written as per-layer formulas (they would go stale with every new block kind): one training
-step's forward (the generator plus the flow-matching MSE) is traced on fake tensors, and the bytes of the tensors
+step's forward (the generator plus its family's loss, pixelgen.families) is traced on fake tensors, and the bytes of the tensors
 autograd saves for backward are counted (see `_trace`).
 """
 
@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves
 
-from .config import ModelConfig, ObjectiveConfig
+from .config import ModelConfig
 
 PRECISIONS = ("bf16", "fp32")
 # Bytes per trainable parameter: (weights, gradients, optimizer states incl. any fp32 master copy).
@@ -221,9 +221,7 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
     Inside a checkpointed block the checkpoint's own hook takes over, so its saves are invisible here; its inputs
     are not: non-reentrant checkpointing keeps them through an ordinary save_for_backward, which this hook sees.
     """
-    from pixelgen.diffusion import FlowMatching
-
-    from . import build_generator  # the registry imports this package's modules
+    from pixelgen import families  # the registry sits above the networks
 
     if precision not in _DTYPES:
         raise ValueError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
@@ -232,8 +230,10 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
     dtype = _DTYPES[precision]
     parts = {part: replace(getattr(model_cfg, part), activation_checkpointing=on)
              for part, on in checkpointing.items()}
+    traced_cfg = replace(model_cfg, **parts)
     with torch.device("meta"):
-        model = build_generator(replace(model_cfg, **parts), resolution, pretrained=False)
+        model = families.build_generator(traced_cfg, resolution, pretrained=False)
+    loss_fn = families.get(model_cfg.trunk.kind).trace_loss(traced_cfg, resolution)
     with FakeTensorMode():
         _fake_copy(model, dtype)
         n_total, n_trainable = 0, 0
@@ -265,12 +265,11 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
 
         handles = []
         for part in _PARTS:
-            for i, block in enumerate(getattr(model, part).blocks):
+            for i, block in enumerate(_blocks(getattr(model, part))):
                 handles.append(block.register_forward_pre_hook(enter(f"{part}.blocks.{i}")))
                 handles.append(block.register_forward_hook(leave))
-        objective = FlowMatching(ObjectiveConfig(), model_cfg.num_classes, model_cfg.class_dropout)
         with saved_tensors_hooks(pack, lambda box: box.tensor):
-            loss, _ = objective.loss(model, x0, y)
+            loss, _ = loss_fn(model, x0, y)
         for h in handles:
             h.remove()
         gc.collect()  # a dropped checkpoint frame sits in a reference cycle with its saves
@@ -295,6 +294,17 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
         saved_bytes=sum(saved.values()),
         block_saved_bytes={name: sum(keys.values()) for name, keys in per_block.items()},
     )
+
+
+def _blocks(part: nn.Module) -> nn.ModuleList:
+    """The blocks `activation_checkpointing` recomputes: the part's own `blocks`, or those of the stack it wraps
+    (the semantic and pixel ARs' causal stacks, the diffusion head's pixel decoder)."""
+    if isinstance(getattr(part, "blocks", None), nn.ModuleList):
+        return part.blocks
+    found = [m for name, m in part.named_modules() if name.endswith("blocks") and isinstance(m, nn.ModuleList)]
+    if not found:
+        raise ValueError(f"{type(part).__name__} has no `blocks` to trace for activation checkpointing")
+    return found[0]
 
 
 def _tensors(tree) -> Iterable[torch.Tensor]:
