@@ -22,7 +22,7 @@ from pixelgen.engine.dist import init_distributed
 from pixelgen.engine.export import PRIMARY_EMA, load_weights
 from pixelgen.engine.train import TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
-from pixelgen.io import atomic_write, atomic_write_json
+from pixelgen.io import atomic_write_file, atomic_write_json
 from pixelgen.progress import console
 from pixelgen.viz import save_grid, to_uint8
 
@@ -224,11 +224,8 @@ def stage_fid(cfg, run_dir: Path) -> dict:
 
     images, metrics = score(cfg.sampler, "")
     # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators.
-    def write_npz(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object, or numpy appends ".npz" to the temporary name
-            np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-
-    atomic_write(out / "samples.npz", write_npz)
+    atomic_write_file(out / "samples.npz",
+                      lambda f: np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
     grid = save_grid(images[grid_idx], out / "samples.png", nrow=show)
 
     # The sweep's points, each kept as it finishes so a restarted stage goes on from the next one.

@@ -3,11 +3,12 @@ never takes a half-written file for a finished one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -28,6 +29,16 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def atomic_write_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """`atomic_write` for writers that take an open binary file (torch.save, np.savez: given a file name numpy
+    would append ".npz" to the temporary one)."""
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_write(path, to_file)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -52,3 +63,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise FileNotFoundError(f"{what} '{path}' does not exist") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} '{path}' is not valid JSON ({err}); delete it and rerun the stage") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -33,7 +33,7 @@ from PIL import Image
 
 from pixelgen.data.config import ShardConfig
 from pixelgen.data.sources import Source, scan_source
-from pixelgen.io import atomic_write, atomic_write_json
+from pixelgen.io import atomic_write, atomic_write_json, sha256_file
 from pixelgen.progress import report
 
 MANIFEST = "manifest.json"
@@ -93,11 +93,6 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _write_shard(task: dict) -> dict:
     """Encode one planned shard to `<file>.tmp`, then rename it into place. Runs in a pool worker."""
     path = os.path.join(task["out_dir"], task["file"])
@@ -118,7 +113,7 @@ def _write_shard(task: dict) -> dict:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(path + ".tmp", path)
-    return {"file": task["file"], "count": count, "bytes": os.path.getsize(path), "sha256": _sha256(path),
+    return {"file": task["file"], "count": count, "bytes": os.path.getsize(path), "sha256": sha256_file(path),
             "plan": task["plan"], "bad_files": bad_files}
 
 
@@ -333,7 +328,7 @@ def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, 
     for shard in owned:
         record = trusted.get(shard["file"])
         path = os.path.join(out_dir, shard["file"])
-        if record and record["plan"] == shard["plan"] and os.path.isfile(path) and _sha256(path) == record["sha256"]:
+        if record and record["plan"] == shard["plan"] and os.path.isfile(path) and sha256_file(path) == record["sha256"]:
             mine[shard["file"]] = record
         else:
             todo.append({**shard, "out_dir": out_dir, **preprocessing})
@@ -391,7 +386,7 @@ def verify_shards(shard_dir: str, workers: int = 4, progress: bool = True) -> li
         size = os.path.getsize(path)
         if size != shard["bytes"]:
             return f"{path}: {size} bytes, the manifest says {shard['bytes']}"
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != shard["sha256"]:
             return f"{path}: sha256 {digest[:16]}..., the manifest says {shard['sha256'][:16]}..."
         return None

@@ -5,15 +5,13 @@ Upstream torch-fidelity cannot take precomputed reference statistics (only the L
 metrics from its own functions; nothing numerical is re-implemented here.
 """
 
-import hashlib
 import io
 import json
 import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
-from typing import IO, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,26 +24,13 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from tqdm import tqdm
 
 from pixelgen.eval.config import FIDConfig
+from pixelgen.io import atomic_write_file, sha256_file
 
 WEIGHTS_ENV = "PIXELGEN_INCEPTION_WEIGHTS"
 UPSTREAM_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"  # the name torch-fidelity registers this extractor under
 FEATURE_FID = "2048"
 FEATURE_ISC = "logits_unbiased"
-
-
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temp file in the same folder so readers never see a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class _InceptionArchitecture(FeatureExtractorInceptionV3):
@@ -110,7 +95,7 @@ def resolve_inception_weights(cfg: FIDConfig, cache_dir: str) -> tuple[str, bool
     path = os.path.join(cache_dir, f"inception-random-seed{cfg.seed}.pth")
     if not os.path.isfile(path):
         state_dict = _random_inception_state_dict(cfg.seed)
-        _atomic_write(path, lambda f: torch.save(state_dict, f))
+        atomic_write_file(path, lambda f: torch.save(state_dict, f))
     return path, True
 
 
@@ -181,7 +166,7 @@ def save_statistics(path: str, stats: dict[str, np.ndarray], meta: dict) -> None
         "sigma": np.asarray(stats["sigma"], dtype=np.float64),
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def load_statistics(path: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -240,14 +225,6 @@ def compute_metrics(
     }
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def protocol(cfg: FIDConfig, weights_path: str, is_proxy: bool, num_gen: int, num_ref: int) -> dict:
     """How the numbers were measured, for the result JSON: enough to tell comparable runs apart."""
     return {
@@ -257,7 +234,7 @@ def protocol(cfg: FIDConfig, weights_path: str, is_proxy: bool, num_gen: int, nu
         "feature_layer_fid": FEATURE_FID,
         "feature_layer_isc": FEATURE_ISC,
         "weights_file": os.path.abspath(weights_path),
-        "weights_sha256": _sha256(weights_path),
+        "weights_sha256": sha256_file(weights_path),
         "num_gen": num_gen,
         "num_ref": num_ref,
         "samples_per_class": cfg.samples_per_class,
