@@ -20,7 +20,7 @@ from pixelgen.ar import CFG_SCHEDULES, GUIDANCE
 from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
 from pixelgen.diffusion import OBJECTIVES, SAMPLERS
-from pixelgen.engine.config import PRECISIONS, LoggingConfig, TrainConfig
+from pixelgen.engine.config import PRECISIONS, LoggingConfig, TrainConfig, batch_split_error
 from pixelgen.eval.config import FIDConfig
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
 from pixelgen.models.teachers import check_weights as check_teacher_weights
@@ -194,9 +194,9 @@ def validate(cfg, source: str = "config") -> None:
         ntasks = cfg.launch[name].tasks
         if tc.steps <= 0:
             fail(f"{name}.steps", tc.steps, "must be positive")
-        if tc.batch_size % (tc.grad_accum * ntasks):
-            fail(f"{name}.batch_size", tc.batch_size,
-                 f"must be divisible by grad_accum x launch.{name}.tasks = {tc.grad_accum * ntasks}")
+        why = batch_split_error(tc, ntasks)
+        if why:
+            fail(f"{name}.batch_size", tc.batch_size, f"{why} (launch.{name}.tasks)")
         if tc.zero_stage not in (0, 1, 2, 3):
             fail(f"{name}.zero_stage", tc.zero_stage, "must be 0, 1, 2 or 3")
         if tc.lr_schedule not in ("constant", "cosine"):

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import STAGES, ConfigError, _explain
+from pixelgen.engine.config import batch_split_error
 
 SIGNALS = ("USR2", "TERM")  # the training engine's preemption flag listens to both
 RUNTIMES = ("none", "pyxis", "apptainer")
@@ -167,11 +168,11 @@ def check_experiment(cfg, p: ClusterProfile, source: str) -> None:
     for stage in TRAIN_STAGES:
         if stage not in cfg.stages:
             continue
-        tc, world = cfg[stage], world_size(p, stage)
-        if tc.batch_size % (tc.grad_accum * world):
-            raise ConfigError(f"{source}: key '{stage}.batch_size' = {tc.batch_size}: must be divisible by "
-                              f"grad_accum x ranks = {tc.grad_accum} x {world} (nodes.{stage} x tasks per node "
-                              f"of the cluster profile); change the batch size or the profile's nodes.{stage}")
+        tc = cfg[stage]
+        why = batch_split_error(tc, world_size(p, stage))
+        if why:
+            raise ConfigError(f"{source}: key '{stage}.batch_size' = {tc.batch_size}: {why} (nodes.{stage} x tasks "
+                              f"per node of the cluster profile); change the batch size or the profile's nodes.{stage}")
 
 
 def check_partitions(p: ClusterProfile, source: str) -> None:

@@ -1,5 +1,7 @@
 """Typed config for one training stage (the engine is shared by the trunk and decoder stages)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,3 +44,11 @@ class LoggingConfig:
     wandb: str = "offline"  # offline | online | disabled (online needs WANDB_API_KEY in the environment)
     project: str = "pixelgen"
     entity: Optional[str] = None
+
+
+def batch_split_error(cfg: TrainConfig, ranks: int) -> str | None:
+    """Why a stage's global batch cannot be split into `grad_accum` equal micro-batches on each of `ranks` ranks
+    (the engine needs equal ones), or None when it can."""
+    if cfg.batch_size % (cfg.grad_accum * ranks):
+        return f"must be divisible by grad_accum x ranks = {cfg.grad_accum} x {ranks}"
+    return None
