@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pixelgen.diffusion import FlowMatching, sample
-from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, end_to_end
+from pixelgen.models.config import CFGSchedule, Guidance, ModelConfig, ObjectiveConfig, SamplerConfig, end_to_end
 from pixelgen.models.pixel_ar import to_pixels
 from pixelgen.models.semantic_ar import kmeans
 
-GUIDANCE = ("z", "semantic", "decoder", "both")
-CFG_SCHEDULES = ("constant", "linear")
+GUIDANCE, CFG_SCHEDULES = tuple(Guidance), tuple(CFGSchedule)
 
 
 def needs_teacher(model_cfg: ModelConfig) -> bool:

@@ -8,7 +8,7 @@ x0 (x_pred); sampling integrates dx/dt = v from t = 0 to t = 1.
 import torch
 import torch.nn.functional as F
 
-from pixelgen.models.config import ObjectiveConfig, SamplerConfig
+from pixelgen.models.config import ObjectiveConfig, ObjectiveKind, SamplerConfig, SamplerKind
 
 
 def time_shift(t, shift: float):
@@ -24,8 +24,8 @@ def _broadcast_B(t_B, like):
     return t_B.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-OBJECTIVES = ("flow_velocity", "x_pred")
-SAMPLERS = ("euler", "heun", "ab2")
+OBJECTIVES = tuple(ObjectiveKind)
+SAMPLERS = tuple(SamplerKind)
 
 
 class FlowMatching:

@@ -2,7 +2,77 @@
 sampler, and the frozen DINO teachers that REPA and the DINO student use."""
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Optional
+
+
+# The choices of the keys below. OmegaConf rejects any other value when a config is merged, naming the key; the
+# members' names are their values, so YAML, saved run configs and config hashes read as the plain strings.
+class ARMode(StrEnum):
+    discrete = "discrete"
+    continuous = "continuous"
+
+
+class ARTarget(StrEnum):
+    teacher = "teacher"
+    end_to_end = "end_to_end"
+
+
+class Dictionary(StrEnum):
+    kmeans = "kmeans"
+    learned = "learned"
+
+
+class PixelAROutput(StrEnum):
+    categorical = "categorical"
+    logistic = "logistic"
+
+
+class PixelARContext(StrEnum):
+    none = "none"
+    prev = "prev"
+    window = "window"
+
+
+class DecoderKind(StrEnum):
+    pit = "pit"
+    mlp = "mlp"
+    mixer = "mixer"
+    pixel_ar = "pixel_ar"
+
+
+class AttentionKind(StrEnum):
+    compact = "compact"
+    pixel = "pixel"
+
+
+class AdaLNKind(StrEnum):
+    pixel = "pixel"
+    patch = "patch"
+    factored = "factored"
+
+
+class ObjectiveKind(StrEnum):
+    flow_velocity = "flow_velocity"
+    x_pred = "x_pred"
+
+
+class SamplerKind(StrEnum):
+    euler = "euler"
+    heun = "heun"
+    ab2 = "ab2"
+
+
+class Guidance(StrEnum):
+    z = "z"
+    semantic = "semantic"
+    decoder = "decoder"
+    both = "both"
+
+
+class CFGSchedule(StrEnum):
+    constant = "constant"
+    linear = "linear"
 
 
 @dataclass
@@ -42,13 +112,13 @@ class SemanticARConfig:
 
     # discrete: logits over a dictionary of `dict_size` teacher features (k-means), z = the chosen entry
     # continuous: z is a feature regressed to the teacher's (target teacher) or learned through the decoder
-    mode: str = "discrete"
-    target: str = "teacher"  # continuous only: teacher | end_to_end (no teacher; z_dim wide, trained by the decoder)
+    mode: ARMode = ARMode.discrete
+    target: ARTarget = ARTarget.teacher  # continuous only: teacher | end_to_end (no teacher; z_dim wide, trained by the decoder)
     dict_size: int = 4096
     # kmeans: the dictionary is k-means of teacher features, fixed | learned: initialised the same way, then
     # trained: a codebook loss pulls each entry toward the features assigned to it (VQ-VAE), and where the
     # decoder trains too its loss reaches the entries through z
-    dictionary: str = "kmeans"
+    dictionary: Dictionary = Dictionary.kmeans
     kmeans_images: int = 1000  # training images whose teacher patch features the trunk stage clusters
     kmeans_iters: int = 25
     z_dim: int = 64  # end_to_end only; otherwise z has the teacher's width
@@ -81,11 +151,11 @@ class TrunkConfig:
 class PixelARConfig:
     """Method B, second level: causal over the pixels of a patch (raster order), conditioned on z."""
 
-    output: str = "categorical"  # categorical: 256-way per channel, channel-autoregressive | logistic: mixture
+    output: PixelAROutput = PixelAROutput.categorical  # categorical: 256-way per channel, channel-autoregressive | logistic: mixture
     mixtures: int = 10  # logistic only: components per channel (PixelCNN++)
     # Already generated pixels the decoder also sees: none | prev (the left neighbour, none in the first column) |
     # window (left, up-left, up and up-right neighbours)
-    context: str = "none"
+    context: PixelARContext = PixelARContext.none
 
 
 @dataclass
@@ -95,20 +165,20 @@ class DecoderConfig:
     # mixer: MLP-mixer blocks, a token-mixing MLP across the pixels of a patch plus a per-pixel MLP
     # pixel_ar: causal transformer over the pixels of a patch (method B; widths pixel_dim, depth, heads)
     # With trunk kind semantic_ar, pit/mlp/mixer denoise each patch as a MAR-style diffusion head (method C).
-    kind: str = "pit"
+    kind: DecoderKind = DecoderKind.pit
     pixel_dim: int = 16
     depth: int = 2
     heads: int = 12
     # pit only. compact: the p*p pixel tokens of a patch compressed to one token, attention across all patches
     # (PixelDiT); pixel: attention among the p*p pixels of each patch
-    attention: str = "compact"
+    attention: AttentionKind = AttentionKind.compact
     attn_dim: Optional[int] = None  # width inside attention; None = trunk dim (compact) or pixel_dim (pixel)
     mlp_ratio: float = 4.0
     mlp_hidden: Optional[int] = None  # per-pixel MLP width; overrides mlp_ratio when set
     # pixel: a shift/scale/gate for every pixel of a patch, from the patch token (PixelDiT)
     # patch: one shift/scale/gate per patch, shared by its pixels
     # factored: one per-pixel condition embedding for the decoder, a small per-pixel AdaLN in each block (DeCo)
-    adaln: str = "pixel"
+    adaln: AdaLNKind = AdaLNKind.pixel
     activation_checkpointing: bool = False  # recompute each block in backward (pixel activations are large)
     pixel_ar: PixelARConfig = field(default_factory=PixelARConfig)  # used by kind pixel_ar
 
@@ -126,7 +196,7 @@ class ModelConfig:
 class ObjectiveConfig:
     # flow_velocity: the network predicts v = x0 - e (PixelDiT, DeCo)
     # x_pred: the network predicts x0 and is trained with the v-loss through a (1 - t) clamp (JiT)
-    kind: str = "flow_velocity"
+    kind: ObjectiveKind = ObjectiveKind.flow_velocity
     t_mean: float = 0.0  # logit-normal timestep sampling: t = sigmoid(N(mean, std)) (JiT: -0.8, 0.8)
     t_std: float = 1.0
     time_shift: float = 1.0
@@ -141,7 +211,7 @@ class ObjectiveConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = "euler"  # euler | heun | ab2 (second-order Adams-Bashforth, PixelDiT's sampler)
+    kind: SamplerKind = SamplerKind.euler  # euler | heun | ab2 (second-order Adams-Bashforth, PixelDiT's sampler)
     steps: int = 50
     cfg_scale: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -151,9 +221,9 @@ class SamplerConfig:
     # semantic: the AR's logits (or continuous z) mixed before the decoder (semantic_cfg_scale)
     # decoder: the decoder given z vs its learned null condition (cfg_scale)
     # both: semantic (semantic_cfg_scale), then decoder (cfg_scale)
-    guidance: str = "z"
+    guidance: Guidance = Guidance.z
     semantic_cfg_scale: float = 1.0
-    cfg_schedule: str = "constant"  # constant | linear: 1 + (scale - 1) * (patches so far) / patches (MAR)
+    cfg_schedule: CFGSchedule = CFGSchedule.constant  # constant | linear: 1 + (scale - 1) * (patches so far) / patches (MAR)
     temperature: float = 1.0  # decoder level: divides the pixel logits, or scales the diffusion head's noise
     semantic_temperature: float = 1.0  # divides the dictionary logits (discrete)
     top_k: int = 0  # discrete: sample among the k most likely entries (0 = all)

@@ -19,11 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .config import AdaLNKind, AttentionKind, DecoderKind
 from .layers import MLP, Attention, RMSNorm, init_linear_xavier, modulate, rope_2d, run_block, sincos_2d
 
-KINDS = ("pit", "mlp", "mixer")
-ATTENTION = ("compact", "pixel")
-ADALN = ("pixel", "patch", "factored")
+KINDS = tuple(k for k in DecoderKind if k != DecoderKind.pixel_ar)  # PixelDecoder's; pixel_ar is its own
+ATTENTION, ADALN = tuple(AttentionKind), tuple(AdaLNKind)
 
 
 class PixelAdaLN(nn.Module):

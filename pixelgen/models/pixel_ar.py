@@ -20,10 +20,10 @@ from einops import rearrange
 
 from pixelgen.viz import to_uint8
 
+from .config import PixelARContext, PixelAROutput
 from .layers import CausalTransformer, RMSNorm, ZConditioned, cached_table, init_linear_xavier, rope_at
 
-OUTPUTS = ("categorical", "logistic")
-CONTEXTS = ("none", "prev", "window")
+OUTPUTS, CONTEXTS = tuple(PixelAROutput), tuple(PixelARContext)
 _SLOTS = {"none": (), "prev": ((0, -1),), "window": ((0, -1), (-1, -1), (-1, 0), (-1, 1))}
 LEVELS = 256
 

@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from .config import ARMode, ARTarget, Dictionary
 from .layers import ClassEmbedder, CausalTransformer, init_linear_xavier, rope_2d
 
-MODES = ("discrete", "continuous")
-TARGETS = ("teacher", "end_to_end")
-DICTIONARIES = ("kmeans", "learned")
+MODES, TARGETS, DICTIONARIES = tuple(ARMode), tuple(ARTarget), tuple(Dictionary)
 
 
 @torch.no_grad()
