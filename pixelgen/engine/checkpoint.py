@@ -9,7 +9,6 @@ complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -47,8 +46,9 @@ class CheckpointManager:
         complete = [(s, t) for s, t, ok in self._tags() if ok]
         return complete[-1] if complete else None
 
-    def save(self, engine, step: int, client_state: dict) -> str:
+    def save(self, engine, step: int, client_state: dict) -> None:
         tag = tag_for(step)
+        # No `latest` file: resume takes the newest tag with a marker, never what DeepSpeed last started writing.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         faults.point("checkpoint", step)
         barrier()  # every rank's shard is on disk before the tag is declared complete
@@ -57,7 +57,6 @@ class CheckpointManager:
                               json.dumps({"step": step, "tag": tag, "world_size": self.world_size}))
             self._prune()
         barrier()
-        return tag
 
     def load(self, engine) -> tuple[int, dict] | None:
         latest = self.latest_complete()
@@ -87,7 +86,3 @@ class CheckpointManager:
             # Incomplete tags older than the newest complete one are dead writes; newer ones may be in flight.
             if tag not in keep and (ok or step < newest):
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
-        for name in ("latest",):
-            stale = self.dir / name
-            if stale.exists():
-                os.remove(stale)

@@ -34,7 +34,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict, total_steps: int | None = None) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, **metrics}
+        # Full precision: a resumed run's loss history is compared with an uninterrupted one's bit for bit.
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.wandb is not None:
@@ -42,7 +43,7 @@ class MetricsLogger:
         console.print(console_line(step, total_steps, record), soft_wrap=True)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
-        if self.enabled and self.wandb is not None:
+        if self.wandb is not None:
             import wandb
 
             self.wandb.log({key: wandb.Image(str(path)), "global_step": step}, step=step)
@@ -69,11 +70,6 @@ def console_line(step: int, total: int | None, record: dict) -> str:
     losses = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items() if k not in _FORMATS]
     rest = [_FORMATS[k].format(v) for k, v in values.items() if k in _FORMATS]
     return "  ".join([head, *losses, *rest])
-
-
-def _plain(v):
-    # Full precision: a resumed run's loss history is compared with an uninterrupted one's bit for bit.
-    return v.item() if hasattr(v, "item") else v
 
 
 def _stage_run_id(out_dir: Path, from_checkpoint: str | None) -> str:

@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -78,11 +78,15 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def _micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Images per rank per forward pass: the global batch split over the accumulation steps and the ranks."""
+    return cfg.batch_size // (cfg.grad_accum * world_size)
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
-    micro = cfg.batch_size // (cfg.grad_accum * world_size)
     return {
         "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
+        "train_micro_batch_size_per_gpu": _micro_batch(cfg, world_size),
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
@@ -191,14 +195,41 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
 
 
-def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: LoggingConfig, run_name: str,
-                 group: str, run_config: dict, export_meta: dict) -> TrainResult:
-    import deepspeed
+def _numel(p: nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor and keeps the full size here
 
-    t_start = time.time()
-    out_dir = Path(out_dir)
-    dist = init_distributed()
-    bf16 = use_bf16(cfg.precision, dist.device)
+
+@dataclass
+class _Run:
+    """What the loop's pieces share: built once by `_setup`, then advanced one optimizer step at a time."""
+
+    task: TrainTask
+    cfg: TrainConfig
+    out_dir: Path
+    dist: DistInfo
+    bf16: bool
+    model: nn.Module
+    named_trainable: list[tuple[str, nn.Parameter]]
+    frozen_fp32: dict[str, torch.Tensor]
+    engine: Any  # deepspeed.DeepSpeedEngine (deepspeed is imported only when a run starts)
+    optimizer: SkippingAdamW
+    ema: EMA
+    ckpts: CheckpointManager
+    micro: int
+    log: MetricsLogger
+    nonfinite: _NonFinite
+    data: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    flag: _PreemptionFlag
+    peak: float | None
+    meter: _Meter
+    step: int  # optimizer steps done
+
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def _make_model(task: TrainTask, cfg: TrainConfig, dist: DistInfo):
+    """The model on the device, its trainable (name, parameter) pairs and the fp32 values of its frozen ones."""
     _seed_all(cfg.seed)  # the same initial weights on every rank
     model = task.make_model().to(dist.device)
     _seed_all(cfg.seed * 1000 + dist.rank)  # then a different noise stream per rank
@@ -208,56 +239,58 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
         p.requires_grad_(p.requires_grad and task.trainable(n))
     # Frozen weights get no fp32 master copy; keep their fp32 values for the export before a bf16 cast.
     frozen_fp32 = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    return model, named_trainable, frozen_fp32
+
+
+def _make_engine(model: nn.Module, named_trainable: list, task: TrainTask, cfg: TrainConfig, dist: DistInfo,
+                 bf16: bool):
+    """The DeepSpeed engine and the SkippingAdamW it wraps: the loop sets the skip flags on the latter itself."""
+    import deepspeed
+
     lr_of = task.lr_of or (lambda name: cfg.lr)
     optimizer = SkippingAdamW(param_groups(named_trainable, lr_of), betas=tuple(cfg.betas),
                               weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, dist.world_size, bf16))
+    return engine, optimizer
+
+
+def _resume(ckpts: CheckpointManager, engine, ema: EMA, micro: int, dist: DistInfo, out_dir: Path):
+    """Load the newest complete checkpoint into the engine, the EMAs and this rank's RNG; return its step and
+    client state, or (0, {}) on a fresh start."""
+    resumed = ckpts.load(engine)
+    if resumed is None:
+        return 0, {}
+    step, client = resumed
+    source = f"checkpoint {ckpts.dir / tag_for(step)}"
+    if client["data"]["micro_batch"] != micro:
+        raise RuntimeError(f"{source} was trained with micro-batches of {client['data']['micro_batch']} "
+                           f"images per rank, this run has {micro} (batch_size / (grad_accum x ranks)): set "
+                           f"batch_size and grad_accum back to resume, or move the checkpoints aside")
+    ema.load_state_dict(client["ema"], source)
+    _set_rng_state(client["rng"][dist.rank])
+    if dist.is_main:
+        console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}")
+    return step, client
+
+
+def _setup(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: LoggingConfig, run_name: str,
+           group: str, run_config: dict) -> _Run:
+    """Everything in the order a bit-identical resume depends on: seeds, model, engine, checkpoint, data."""
+    dist = init_distributed()
+    bf16 = use_bf16(cfg.precision, dist.device)
+    model, named_trainable, frozen_fp32 = _make_model(task, cfg, dist)
+    engine, optimizer = _make_engine(model, named_trainable, task, cfg, dist, bf16)
     ema = EMA(named_trainable, cfg.ema_decays)
     ckpts = CheckpointManager(out_dir / "checkpoints", cfg.keep_ckpts, dist.is_main, dist.world_size)
-    micro = cfg.batch_size // (cfg.grad_accum * dist.world_size)
-
-    step, client = 0, {}
-    resumed = ckpts.load(engine)
-    if resumed is not None:
-        step, client = resumed
-        source = f"checkpoint {ckpts.dir / tag_for(step)}"
-        if client["data"]["micro_batch"] != micro:
-            raise RuntimeError(f"{source} was trained with micro-batches of {client['data']['micro_batch']} "
-                               f"images per rank, this run has {micro} (batch_size / (grad_accum x ranks)): set "
-                               f"batch_size and grad_accum back to resume, or move the checkpoints aside")
-        ema.load_state_dict(client["ema"], source)
-        _set_rng_state(client["rng"][dist.rank])
-        if dist.is_main:
-            console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}")
+    micro = _micro_batch(cfg, dist.world_size)
+    step, client = _resume(ckpts, engine, ema, micro, dist, out_dir)
     log = MetricsLogger(out_dir, logging, enabled=dist.is_main, run_name=run_name, group=group,
                         config=run_config, resume_step=step, run_id=client.get("wandb_id"))
     nonfinite = _NonFinite(dist.device, cfg.max_nonfinite_steps, client.get("skipped_steps", 0))
-
     data = task.data_fn(micro, dist.rank, dist.world_size, client["data"]["start_batch"] if client else 0)
     flag = _PreemptionFlag()
-
-    def autocast():
-        return torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def save(at_step: int) -> None:
-        # RNG states differ per rank; every rank's is gathered so each resumes its own stream.
-        rng = [None] * dist.world_size
-        torch.distributed.all_gather_object(rng, _rng_state())
-        skipped = int(nonfinite.total.item())
-        ckpts.save(engine, at_step, {
-            "step": at_step, "ema": ema.state_dict(), "rng": rng, "wandb_id": log.run_id,
-            "data": {"start_batch": at_step * cfg.grad_accum, "micro_batch": micro, "world_size": dist.world_size},
-            "skipped_steps": skipped, "flops_per_image": meter.flops_per_image})
-
-    def sample_grid(at_step: int) -> None:
-        with ema.swapped_in(), autocast():
-            images = task.sample_fn(engine.module)
-        if dist.is_main:
-            path = save_grid(images, out_dir / "samples" / f"step{at_step:08d}.png")
-            log.log_image(at_step, "samples", path)
-
     peak = flops.peak_tflops(dist.device, cfg.peak_tflops)
     meter = _Meter()
     # FLOPs are counted in the first step of a fresh run and kept in the checkpoints: counting adds autograd
@@ -265,109 +298,151 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
     meter.flops_per_image = client.get("flops_per_image")
     if cfg.compile and meter.flops_per_image is not None:
         engine.compile()
+    return _Run(task=task, cfg=cfg, out_dir=out_dir, dist=dist, bf16=bf16, model=model,
+                named_trainable=named_trainable, frozen_fp32=frozen_fp32, engine=engine, optimizer=optimizer,
+                ema=ema, ckpts=ckpts, micro=micro, log=log, nonfinite=nonfinite, data=data, flag=flag, peak=peak,
+                meter=meter, step=step)
 
-    def train_step() -> None:
-        """One optimizer step over grad_accum micro-batches; nothing in it waits for the host."""
-        loss_bad = torch.zeros((), dtype=torch.bool, device=dist.device)
-        # The rate this step applies (the scheduler moves it after the step), of the group trained at `lr`.
-        meter.lr = next((g["lr"] for g in optimizer.param_groups if g["initial_lr"] == cfg.lr),
-                        optimizer.param_groups[0]["lr"])
-        for _ in range(cfg.grad_accum):
-            t0 = time.time()
-            images, labels = next(data)
-            meter.data_wait += time.time() - t0
-            x = to_float(images.to(dist.device, non_blocking=True))
-            with flops.maybe_count(meter.flops_per_image is None) as counter:
-                with autocast():
-                    loss, parts = task.loss_fn(engine, x, labels.to(dist.device, non_blocking=True))
-                loss_bad |= ~torch.isfinite(loss.detach())
-                optimizer.loss_nonfinite = loss_bad  # read by the optimizer at the accumulation boundary
-                engine.backward(loss)
-            if counter is not None:
-                meter.flops_per_image = counter.get_total_flops() / micro
-                if cfg.compile:  # compiled after the count: FlopCounterMode would see through the graph
-                    engine.compile()
-            optimizer.skipped = None
-            engine.step()
-            meter.add({**parts, "loss": loss.detach()})
-        # None: DeepSpeed found a non-finite gradient norm itself (its fp32 and fp16 paths check on the host)
-        # and skipped the step without calling the optimizer.
-        skipped = optimizer.skipped if optimizer.skipped is not None else torch.ones((), device=dist.device)
-        nonfinite.record(skipped, step + 1)
-        ema.update(1.0 - skipped)
 
-    def log_interval(at_step: int) -> None:
-        elapsed = time.time() - meter.since
-        # One all-reduce and one host sync per log line: the losses are means over every rank's images (the
-        # skip counters are the same on every rank already).
-        values = torch.stack([*(s / meter.n for s in meter.sums.values()), nonfinite.total, nonfinite.tripped_at])
-        if dist.world_size > 1:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-            values /= dist.world_size
-        *means, skipped_total, tripped_at = values.tolist()
-        if tripped_at >= 0:
-            last = ckpts.latest_complete()
-            raise NonFiniteError(
-                f"{cfg.max_nonfinite_steps} optimizer steps in a row had a non-finite loss or gradient norm (the "
-                f"streak reached the limit at step {int(tripped_at)}; {int(skipped_total)} skipped in all); the "
-                f"last good checkpoint is {ckpts.dir / last[1] if last else 'none (no checkpoint yet)'}. Lower the "
-                f"learning rate or raise max_nonfinite_steps, then rerun to resume from it")
-        grad_norm = engine.get_global_grad_norm()
-        img_per_s = meter.n * micro * dist.world_size / elapsed
-        metrics = {
-            **dict(zip(meter.sums, means)),
-            "lr": meter.lr,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "img_per_s": img_per_s,
-            "step_time_s": elapsed / meter.steps,
-            "data_wait": meter.data_wait / elapsed,
-            "peak_mem_gib": _peak_memory_gib(dist.device),
-            "skipped_steps": int(skipped_total),
-        }
-        if peak and meter.flops_per_image:
-            metrics["mfu"] = meter.flops_per_image * img_per_s / (peak * 1e12 * dist.world_size)
-        log.log(at_step, metrics, total_steps=cfg.steps)
-        meter.last_loss = metrics["loss"]
-        meter.reset()
+def _train_step(run: _Run) -> None:
+    """One optimizer step over grad_accum micro-batches; nothing in it waits for the host."""
+    cfg, meter, optimizer, engine, device = run.cfg, run.meter, run.optimizer, run.engine, run.dist.device
+    loss_bad = torch.zeros((), dtype=torch.bool, device=device)
+    # The rate this step applies (the scheduler moves it after the step), of the group trained at `lr`.
+    meter.lr = next((g["lr"] for g in optimizer.param_groups if g["initial_lr"] == cfg.lr),
+                    optimizer.param_groups[0]["lr"])
+    for _ in range(cfg.grad_accum):
+        t0 = time.time()
+        images, labels = next(run.data)
+        meter.data_wait += time.time() - t0
+        x = to_float(images.to(device, non_blocking=True))
+        with flops.maybe_count(meter.flops_per_image is None) as counter:
+            with run.autocast():
+                loss, parts = run.task.loss_fn(engine, x, labels.to(device, non_blocking=True))
+            loss_bad |= ~torch.isfinite(loss.detach())
+            optimizer.loss_nonfinite = loss_bad  # read by the optimizer at the accumulation boundary
+            engine.backward(loss)
+        if counter is not None:
+            meter.flops_per_image = counter.get_total_flops() / run.micro
+            if cfg.compile:  # compiled after the count: FlopCounterMode would see through the graph
+                engine.compile()
+        optimizer.skipped = None
+        engine.step()
+        meter.add({**parts, "loss": loss.detach()})
+    # None: DeepSpeed found a non-finite gradient norm itself (its fp32 and fp16 paths check on the host)
+    # and skipped the step without calling the optimizer.
+    skipped = optimizer.skipped if optimizer.skipped is not None else torch.ones((), device=device)
+    run.nonfinite.record(skipped, run.step + 1)
+    run.ema.update(1.0 - skipped)
 
+
+def _log_interval(run: _Run, step: int) -> None:
+    """One log line from what the meter gathered since the last; stops the run on a streak of skipped steps."""
+    cfg, meter, dist = run.cfg, run.meter, run.dist
+    elapsed = time.time() - meter.since
+    # One all-reduce and one host sync per log line: the losses are means over every rank's images (the
+    # skip counters are the same on every rank already).
+    values = torch.stack([*(s / meter.n for s in meter.sums.values()), run.nonfinite.total,
+                          run.nonfinite.tripped_at])
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        values /= dist.world_size
+    *means, skipped_total, tripped_at = values.tolist()
+    if tripped_at >= 0:
+        last = run.ckpts.latest_complete()
+        raise NonFiniteError(
+            f"{cfg.max_nonfinite_steps} optimizer steps in a row had a non-finite loss or gradient norm (the "
+            f"streak reached the limit at step {int(tripped_at)}; {int(skipped_total)} skipped in all); the "
+            f"last good checkpoint is {run.ckpts.dir / last[1] if last else 'none (no checkpoint yet)'}. Lower the "
+            f"learning rate or raise max_nonfinite_steps, then rerun to resume from it")
+    grad_norm = run.engine.get_global_grad_norm()
+    img_per_s = meter.n * run.micro * dist.world_size / elapsed
+    metrics = {
+        **dict(zip(meter.sums, means)),
+        "lr": meter.lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "img_per_s": img_per_s,
+        "step_time_s": elapsed / meter.steps,
+        "data_wait": meter.data_wait / elapsed,
+        "peak_mem_gib": _peak_memory_gib(dist.device),
+        "skipped_steps": int(skipped_total),
+    }
+    if run.peak and meter.flops_per_image:
+        metrics["mfu"] = meter.flops_per_image * img_per_s / (run.peak * 1e12 * dist.world_size)
+    run.log.log(step, metrics, total_steps=cfg.steps)
+    meter.last_loss = metrics["loss"]
+    meter.reset()
+
+
+def _sample_grid(run: _Run, step: int) -> None:
+    with run.ema.swapped_in(), run.autocast():
+        images = run.task.sample_fn(run.engine.module)
+    if run.dist.is_main:
+        path = save_grid(images, run.out_dir / "samples" / f"step{step:08d}.png")
+        run.log.log_image(step, "samples", path)
+
+
+def _save(run: _Run, step: int) -> None:
+    # RNG states differ per rank; every rank's is gathered so each resumes its own stream.
+    rng = [None] * run.dist.world_size
+    torch.distributed.all_gather_object(rng, _rng_state())
+    skipped = int(run.nonfinite.total.item())
+    run.ckpts.save(run.engine, step, {
+        "step": step, "ema": run.ema.state_dict(), "rng": rng, "wandb_id": run.log.run_id,
+        "data": {"start_batch": step * run.cfg.grad_accum, "micro_batch": run.micro,
+                 "world_size": run.dist.world_size},
+        "skipped_steps": skipped, "flops_per_image": run.meter.flops_per_image})
+
+
+def _finish(run: _Run, preempted: bool, export_meta: dict) -> Path | None:
+    """A complete run's last grid and its export (a preempted one has neither); then the log and its curves."""
+    export_dir = None
+    if not preempted:
+        _sample_grid(run, run.step)
+        export_dir = export_weights(run.engine, run.ema, run.frozen_fp32, run.out_dir / "export", run.dist.is_main,
+                                    meta=export_meta)
+    run.log.close()
+    if run.dist.is_main and run.log.path.exists():
+        plot_metrics(run.log.path, run.out_dir / "curves.png")
+    return export_dir
+
+
+def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: LoggingConfig, run_name: str,
+                 group: str, run_config: dict, export_meta: dict) -> TrainResult:
+    import deepspeed  # noqa: F401  imported before the clock starts: `seconds` times the run, not the import
+
+    t_start = time.time()
+    run = _setup(task, cfg, Path(out_dir), logging=logging, run_name=run_name, group=group, run_config=run_config)
     preempted = False
     try:
-        engine.train()
-        while step < cfg.steps:
-            train_step()
-            step += 1
-            meter.steps += 1
+        run.engine.train()
+        while run.step < cfg.steps:
+            _train_step(run)
+            run.step += 1
+            run.meter.steps += 1
+            step = run.step
             faults.point("step", step)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log_interval(step)
+                _log_interval(run, step)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                sample_grid(step)
+                _sample_grid(run, step)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                save(step)
+                _save(run, step)
             # A signal during the last step changes nothing: the run is complete and goes on to its export.
-            if step < cfg.steps and flag.agreed(dist, step):
+            if step < cfg.steps and run.flag.agreed(run.dist, step):
                 if step % cfg.ckpt_every:
-                    save(step)
+                    _save(run, step)
                 preempted = True
                 break
     except BaseException:
-        log.close()
+        run.log.close()
         raise
     finally:
-        flag.restore()
+        run.flag.restore()
 
-    export_dir = None
-    if not preempted:
-        sample_grid(step)
-        export_dir = export_weights(engine, ema, frozen_fp32, out_dir / "export", dist.is_main, meta=export_meta)
-    log.close()
-    if dist.is_main and log.path.exists():
-        plot_metrics(log.path, out_dir / "curves.png")
-
-    def numel(p):  # ZeRO-3 leaves an empty local tensor and keeps the full size in ds_numel
-        return getattr(p, "ds_numel", p.numel())
-
-    return TrainResult(step=step, preempted=preempted, seconds=time.time() - t_start, final_loss=meter.last_loss,
-                       export_dir=export_dir, params_trainable=sum(numel(p) for _, p in named_trainable),
-                       params_total=sum(numel(p) for p in model.parameters()),
-                       skipped_steps=int(nonfinite.total.item()), compiled=engine.is_compiled)
+    export_dir = _finish(run, preempted, export_meta)
+    return TrainResult(step=run.step, preempted=preempted, seconds=time.time() - t_start,
+                       final_loss=run.meter.last_loss, export_dir=export_dir,
+                       params_trainable=sum(_numel(p) for _, p in run.named_trainable),
+                       params_total=sum(_numel(p) for p in run.model.parameters()),
+                       skipped_steps=int(run.nonfinite.total.item()), compiled=run.engine.is_compiled)
