@@ -19,7 +19,7 @@ from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
 from pixelgen.data.loader import to_float
 from pixelgen.engine.dist import init_distributed
-from pixelgen.engine.export import PRIMARY_EMA, load_weights
+from pixelgen.engine.export import MODEL_FILE, PRIMARY_EMA, load_weights
 from pixelgen.engine.train import TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
 from pixelgen.io import atomic_write_file, atomic_write_json
@@ -110,7 +110,8 @@ def _train(cfg, run_dir: Path, stage: str, make_model) -> dict:
                                              resolution=cfg.data.resolution))
 
     task = TrainTask(make_model=make_model, trainable=family.trainable(cfg, stage), loss_fn=loss_fn,
-                     sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=family.lr_of(cfg, stage))
+                     sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=family.lr_of(cfg, stage),
+                     loss_terms=family.plot_keys)
     plain = to_container(cfg)
     result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,
                           run_name=f"{cfg.name}/{stage}", group=cfg.name, run_config=plain,
@@ -165,89 +166,111 @@ def stage_train_decoder(cfg, run_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------------ fid
 def _generator_weights(cfg, run_dir: Path) -> Path:
     last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
-    return rundir.stage_dir(run_dir, last) / "export" / (PRIMARY_EMA if cfg.fid.ema else "model.safetensors")
+    return rundir.stage_dir(run_dir, last) / "export" / (PRIMARY_EMA if cfg.fid.ema else MODEL_FILE)
+
+
+def _reference_statistics(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights_sha256: str):
+    """(statistics, image count) of the sharded reference split, cached next to the metrics with what made them
+    (the shards' hashes and the Inception weights') and recomputed when either changed."""
+    split = cfg.fid.reference_split
+    ref_meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
+                "weights": weights_sha256}
+    ref_path = out / f"reference_{split}.npz"
+    if ref_path.exists():
+        stats, meta = fid_lib.load_statistics(ref_path)
+        if {k: meta.get(k) for k in ref_meta} == ref_meta:
+            return stats, meta.get("count")
+    batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, cfg.fid.batch_size,
+                                       resolution=cfg.data.resolution)
+    feats = extractor.extract(batches, progress=True)
+    stats = fid_lib.reference_statistics(feats["2048"])
+    count = feats["2048"].shape[0]
+    fid_lib.save_statistics(ref_path, stats, {**ref_meta, "count": count})
+    return stats, count
+
+
+class _Scorer:
+    """Class-balanced samples from one generator, seeded so that a rerun draws the same images, scored against
+    the reference statistics."""
+
+    def __init__(self, cfg, model, extractor, ref_stats, device):
+        self.cfg, self.model, self.extractor, self.ref_stats, self.device = cfg, model, extractor, ref_stats, device
+        n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
+        self.labels = torch.arange(n_cls).repeat_interleave(per)
+        self.show = min(per, 8)  # per class in the grids, one class per row
+        self.grid_idx = torch.cat([torch.arange(c * per, c * per + self.show) for c in range(min(n_cls, 16))])
+
+    def __call__(self, sampler_cfg, what: str) -> tuple[torch.Tensor, dict]:
+        from rich.progress import Progress
+
+        bs = self.cfg.fid.batch_size
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.fid.seed)
+        draw = families.get(self.cfg.model.trunk.kind).sampler(self.cfg, sampler_cfg)
+        chunks = []
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"sampling {self.labels.numel()} images{what}", total=self.labels.numel())
+            for i in range(0, self.labels.numel(), bs):
+                y = self.labels[i:i + bs].to(self.device)
+                chunks.append(to_uint8(draw(self.model, y, g)).cpu())
+                bar.advance(task, y.numel())
+        images = torch.cat(chunks)
+        feats = self.extractor.extract([images[i:i + bs] for i in range(0, len(images), bs)], progress=True)
+        return images, fid_lib.compute_metrics(feats, self.ref_stats)
+
+    def grid(self, images: torch.Tensor, path: Path) -> Path:
+        return save_grid(images[self.grid_idx], path, nrow=self.show)
+
+
+def _sweep(cfg, out: Path, score: _Scorer) -> list[dict]:
+    """The sweep's points, each kept as it finishes so that a restarted stage goes on from the next one."""
+    rows = []
+    points = sweep_points(cfg)
+    for k, (entry, sampler_cfg) in enumerate(points, start=1):
+        point_path = out / "sweep" / f"point{k:03d}.json"
+        done = json.loads(point_path.read_text()) if point_path.is_file() else None
+        if done is None or done["sampler"] != entry:
+            images, metrics = score(sampler_cfg, f" ({entry}; sweep {k}/{len(points)})")
+            done = {"sampler": entry, "fid": metrics["fid"], "isc_mean": metrics["isc_mean"],
+                    "sample_grid": str(score.grid(images, out / "sweep" / f"point{k:03d}.png"))}
+            atomic_write_json(point_path, done)
+        rows.append(done)
+    return rows
+
+
+def _print_sweep(sweep: list[dict], metric_name: str, images: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{metric_name} sweep ({images} images each)")
+    for col in ("sampler", metric_name, "IS"):
+        table.add_column(col)
+    for row in sweep:
+        table.add_row(row["sampler"] or "(config)", f"{row['fid']:.3f}", f"{row['isc_mean']:.3f}")
+    console.print(table)
 
 
 def stage_fid(cfg, run_dir: Path) -> dict:
-    from rich.progress import Progress
-    from rich.table import Table
-
     manifest = _checked_manifest(cfg, run_dir)
     out = rundir.stage_dir(run_dir, "fid")
     out.mkdir(parents=True, exist_ok=True)
     weights, is_proxy = fid_lib.resolve_inception_weights(cfg.fid, out)
     dist = init_distributed()
     extractor = fid_lib.InceptionFeatures(weights, device=dist.device, batch_size=cfg.fid.batch_size)
-
-    # Reference statistics of the sharded validation images, cached next to the metrics with what made them.
-    split = cfg.fid.reference_split
     proto = fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)  # hashes the weights file once
-    ref_meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
-                "weights": proto["weights_sha256"]}
-    ref_path = out / f"reference_{split}.npz"
-    ref_stats = None
-    if ref_path.exists():
-        ref_stats, meta = fid_lib.load_statistics(ref_path)
-        num_ref = meta.get("count")
-        if {k: meta.get(k) for k in ref_meta} != ref_meta:
-            ref_stats = None
-    if ref_stats is None:
-        batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, cfg.fid.batch_size,
-                                           resolution=cfg.data.resolution)
-        feats = extractor.extract(batches, progress=True)
-        ref_stats = fid_lib.reference_statistics(feats["2048"])
-        num_ref = feats["2048"].shape[0]
-        fid_lib.save_statistics(ref_path, ref_stats, {**ref_meta, "count": num_ref})
+    ref_stats, num_ref = _reference_statistics(cfg, run_dir, manifest, out, extractor, proto["weights_sha256"])
 
-    # Class-balanced samples from the (EMA) generator, seeded so a rerun draws the same images.
     gen_path = _generator_weights(cfg, run_dir)
     model = _load_generator(cfg, gen_path).to(dist.device).eval()
-    n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
-    labels = torch.arange(n_cls).repeat_interleave(per)
-    show = min(per, 8)
-    grid_idx = torch.cat([torch.arange(c * per, c * per + show) for c in range(min(n_cls, 16))])
-
-    def score(sampler_cfg, what: str) -> tuple[torch.Tensor, dict]:
-        g = torch.Generator(device=dist.device).manual_seed(cfg.fid.seed)
-        draw = families.get(cfg.model.trunk.kind).sampler(cfg, sampler_cfg)
-        chunks = []
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"sampling {labels.numel()} images{what}", total=labels.numel())
-            for i in range(0, labels.numel(), cfg.fid.batch_size):
-                y = labels[i:i + cfg.fid.batch_size].to(dist.device)
-                chunks.append(to_uint8(draw(model, y, g)).cpu())
-                bar.advance(task, y.numel())
-        images = torch.cat(chunks)
-        feats = extractor.extract([images[i:i + cfg.fid.batch_size] for i in range(0, len(images), cfg.fid.batch_size)],
-                                  progress=True)
-        return images, fid_lib.compute_metrics(feats, ref_stats)
-
+    score = _Scorer(cfg, model, extractor, ref_stats, dist.device)
     images, metrics = score(cfg.sampler, "")
     # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators.
     atomic_write_file(out / "samples.npz",
-                      lambda f: np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
-    grid = save_grid(images[grid_idx], out / "samples.png", nrow=show)
-
-    # The sweep's points, each kept as it finishes so a restarted stage goes on from the next one.
-    sweep = [{"sampler": "", "fid": metrics["fid"], "isc_mean": metrics["isc_mean"], "sample_grid": str(grid)}]
-    points = sweep_points(cfg)
-    for k, (entry, sampler_cfg) in enumerate(points, start=1):
-        point_path = out / "sweep" / f"point{k:03d}.json"
-        done = json.loads(point_path.read_text()) if point_path.is_file() else None
-        if done is None or done["sampler"] != entry:
-            point_images, point_metrics = score(sampler_cfg, f" ({entry}; sweep {k}/{len(points)})")
-            point_grid = save_grid(point_images[grid_idx], out / "sweep" / f"point{k:03d}.png", nrow=show)
-            done = {"sampler": entry, "fid": point_metrics["fid"], "isc_mean": point_metrics["isc_mean"],
-                    "sample_grid": str(point_grid)}
-            atomic_write_json(point_path, done)
-        sweep.append(done)
+                      lambda f: np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=score.labels.numpy()))
+    grid = score.grid(images, out / "samples.png")
+    points = _sweep(cfg, out, score)
+    sweep = [{"sampler": "", "fid": metrics["fid"], "isc_mean": metrics["isc_mean"], "sample_grid": str(grid)},
+             *points]
     if points:
-        table = Table(title=f"{proto['metric_name']} sweep ({len(images)} images each)")
-        for col in ("sampler", proto["metric_name"], "IS"):
-            table.add_column(col)
-        for row in sweep:
-            table.add_row(row["sampler"] or "(config)", f"{row['fid']:.3f}", f"{row['isc_mean']:.3f}")
-        console.print(table)
+        _print_sweep(sweep, proto["metric_name"], len(images))
 
     proto = {**proto, "num_gen": len(images), "num_ref": num_ref}
     result = {

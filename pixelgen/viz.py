@@ -27,9 +27,11 @@ def to_uint8(x_BCHW: torch.Tensor) -> torch.Tensor:
     return ((x_BCHW.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def plot_metrics(metrics_jsonl: str | Path, path: str | Path,
-                 keys: tuple[str, ...] = ("loss", "fm_loss", "repa_loss", "student_loss", "grad_norm", "lr")) -> Path:
-    """One panel per metric against the step, from a metrics.jsonl file."""
+def plot_metrics(metrics_jsonl: str | Path, path: str | Path, loss_terms: tuple[str, ...] = ()) -> Path:
+    """One panel per metric against the step, from a metrics.jsonl file: the loss, its `loss_terms` (a model
+    family's, e.g. fm_loss and repa_loss), the gradient norm and the learning rate. Keys never logged are left
+    out."""
+    keys = ("loss", *loss_terms, "grad_norm", "lr")
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes

@@ -17,6 +17,7 @@ from pixelgen.engine import faults
 from pixelgen.engine.dist import barrier
 from pixelgen.io import atomic_write
 
+MODEL_FILE = "model.safetensors"  # the training weights
 PRIMARY_EMA = "ema.safetensors"
 
 
@@ -66,7 +67,7 @@ def export_weights(engine, ema, frozen_fp32: dict[str, torch.Tensor], out_dir: P
     emas = [ema.full(i, keep=is_main) for i in range(len(ema.decays))]  # collective under ZeRO-3
     if is_main:
         metadata = {"pixelgen": json.dumps(meta, default=str)}
-        files = {"model.safetensors": state}
+        files = {MODEL_FILE: state}
         for i, decay in enumerate(ema.decays):
             files[ema_filename(i, decay)] = {**state, **emas[i]}
         for name, sd in files.items():

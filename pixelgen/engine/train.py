@@ -45,6 +45,8 @@ class TrainTask:
     data_fn: Callable[[int, int, int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     # parameter name -> its base learning rate (None: the config's lr for all)
     lr_of: Optional[Callable[[str], float]] = None
+    # the loss's named parts that get a panel in curves.png beside the total loss (those never logged are left out)
+    loss_terms: tuple[str, ...] = ()
 
 
 @dataclass
@@ -403,7 +405,7 @@ def _finish(run: _Run, preempted: bool, export_meta: dict) -> Path | None:
                                     meta=export_meta)
     run.log.close()
     if run.dist.is_main and run.log.path.exists():
-        plot_metrics(run.log.path, run.out_dir / "curves.png")
+        plot_metrics(run.log.path, run.out_dir / "curves.png", loss_terms=run.task.loss_terms)
     return export_dir
 
 
