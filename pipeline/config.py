@@ -16,13 +16,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pixelgen import families
-from pixelgen.ar import CFG_SCHEDULES, GUIDANCE
 from pixelgen.data import shards as data_shards
 from pixelgen.data.config import DataConfig, ShardConfig
-from pixelgen.diffusion import OBJECTIVES, SAMPLERS
-from pixelgen.engine.config import PRECISIONS, LoggingConfig, TrainConfig, batch_split_error
-from pixelgen.eval.config import FIDConfig
-from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig
+from pixelgen.engine.config import (DecoderTrainConfig, LoggingConfig, TrainConfig, batch_split_error,
+                                    check_decoder_train, check_train)
+from pixelgen.eval.config import FIDConfig, check_fid
+from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, check_objective, check_sampler
 from pixelgen.models.teachers import check_weights as check_teacher_weights
 
 STAGES = ("shard", "train_trunk", "train_decoder", "fid")
@@ -66,10 +65,15 @@ class ExperimentConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train_trunk: TrainConfig = field(default_factory=TrainConfig)
-    train_decoder: TrainConfig = field(default_factory=TrainConfig)
+    train_decoder: DecoderTrainConfig = field(default_factory=DecoderTrainConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# Keys of the decoder stage alone that run folders written before DecoderTrainConfig hold under train_trunk too,
+# at their defaults (the two stages shared one schema); dropped when such a folder is read back.
+_DECODER_ONLY = {"init_from": None, "freeze_trunk": True, "trunk_lr": None}
 
 
 def _explain(err: OmegaConfBaseException, source: str, unknown: str | None = None) -> ConfigError:
@@ -83,6 +87,9 @@ def _explain(err: OmegaConfBaseException, source: str, unknown: str | None = Non
         return ConfigError(f"{source}: key '{key}' moved to the cluster profile (slurm/<name>.yaml, key "
                            f"'{_MOVED[key.split('.')[-1]]}'), selected with --cluster NAME; the experiment's "
                            f"launch.<stage> keeps only tasks and timeout_min for local runs")
+    if key.startswith("train_trunk.") and key.split(".", 1)[1] in _DECODER_ONLY:
+        return ConfigError(f"{source}: key '{key}' belongs to the decoder stage alone (the trunk stage has no "
+                           f"trunk to load or freeze): set train_decoder.{key.split('.', 1)[1]} instead")
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         hint = unknown or "remove it or check its spelling against the schema (pixelgen/*/config.py)"
         return ConfigError(f"{source}: unknown key '{key}': {hint}")
@@ -126,19 +133,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
 
 
 def validate(cfg, source: str = "config") -> None:
-    """Cross-field checks, all in one place. Raises ConfigError naming the key."""
+    """Every cross-field check, before anything runs: each component's own (next to its config), then the ones
+    that need several components. Raises ConfigError naming the key and `source`."""
 
     def fail(key: str, value: Any, why: str):
         raise ConfigError(f"{source}: key '{key}' = {value!r}: {why}")
 
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        fail("stages", list(cfg.stages), f"unknown stage(s) {unknown}; known stages are {list(STAGES)}")
-    order = [STAGES.index(s) for s in cfg.stages]
-    if order != sorted(order) or len(set(order)) != len(order):
-        fail("stages", list(cfg.stages), f"stages must be distinct and in pipeline order {list(STAGES)}")
-    stages = set(cfg.stages)
+    def fail_from(err: Exception):
+        raise ConfigError(f"{source}: {err}") from None
 
+    _check_stages(cfg, fail)
     res = cfg.data.resolution
     if res <= 0:
         fail("data.resolution", res, "must be positive")
@@ -146,37 +150,43 @@ def validate(cfg, source: str = "config") -> None:
         fail("model.num_classes", cfg.model.num_classes, f"must equal data.num_classes={cfg.data.num_classes}")
     try:
         families.check_model_config(OmegaConf.to_object(cfg.model), res)
+        data_shards.validate_config(cfg.shard, res)
     except ValueError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    if not 0.0 <= cfg.model.class_dropout < 1.0:
-        fail("model.class_dropout", cfg.model.class_dropout, "must be in [0, 1)")
-    _check_sampler(cfg.sampler, "sampler", fail)
+        fail_from(err)
+    check_objective(cfg.objective, fail)
+    check_sampler(cfg.sampler, fail)
     for entry, sampler in sweep_points(cfg, source):
         def fail_entry(key: str, value: Any, why: str, entry=entry):
             raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: {key} = {value!r}: {why}")
 
-        _check_sampler(sampler, "sampler", fail_entry)
-    if cfg.objective.decoder_patches < 0:
-        fail("objective.decoder_patches", cfg.objective.decoder_patches, "must be >= 0 (0 = every patch)")
-    if cfg.objective.diffusion_batch_mul < 1:
-        fail("objective.diffusion_batch_mul", cfg.objective.diffusion_batch_mul, "must be at least 1")
+        check_sampler(sampler, fail_entry)
+    check_fid(cfg.fid, fail)
     family = families.get(cfg.model.trunk.kind)
     family.check_experiment(cfg, fail)
-    if cfg.objective.kind not in OBJECTIVES:
-        fail("objective.kind", cfg.objective.kind, f"must be one of {', '.join(OBJECTIVES)}")
-    for key in ("t_std", "t_eps", "noise_scale", "time_shift"):
-        if cfg.objective[key] <= 0:
-            fail(f"objective.{key}", cfg.objective[key], "must be positive")
     for key, teacher in family.teachers(cfg):
         try:
             check_teacher_weights(teacher, key)
         except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"{source}: {err}") from None
-    try:
-        data_shards.validate_config(cfg.shard, cfg.data.resolution)
-    except ValueError as err:
-        raise ConfigError(f"{source}: {err}") from None
+            fail_from(err)
+    check_train(cfg.train_trunk, "train_trunk", fail)
+    check_decoder_train(cfg.train_decoder, "train_decoder", fail)
+    for name in ("train_trunk", "train_decoder"):
+        why = batch_split_error(cfg[name], cfg.launch[name].tasks)
+        if why:
+            fail(f"{name}.batch_size", cfg[name].batch_size, f"{why} (launch.{name}.tasks)")
+    if cfg.train_decoder.init_from and not Path(cfg.train_decoder.init_from).is_file():
+        fail("train_decoder.init_from", cfg.train_decoder.init_from, "file does not exist")
 
+
+def _check_stages(cfg, fail) -> None:
+    """The stage list, and what each configured stage needs from outside the chain."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        fail("stages", list(cfg.stages), f"unknown stage(s) {unknown}; known stages are {list(STAGES)}")
+    order = [STAGES.index(s) for s in cfg.stages]
+    if order != sorted(order) or len(set(order)) != len(order):
+        fail("stages", list(cfg.stages), f"stages must be distinct and in pipeline order {list(STAGES)}")
+    stages = set(cfg.stages)
     if "shard" in stages and not cfg.data.imagenet_dir:
         fail("data.imagenet_dir", cfg.data.imagenet_dir,
              "the shard stage needs an ImageNet-layout folder (make one with `pixelgen fake-imagenet DIR`)")
@@ -188,55 +198,6 @@ def validate(cfg, source: str = "config") -> None:
              "to an exported generator .safetensors file")
     if "fid" in stages and not stages & {"train_trunk", "train_decoder"}:
         fail("stages", list(cfg.stages), "the fid stage needs a trained generator: include train_trunk or train_decoder")
-
-    for name in ("train_trunk", "train_decoder"):
-        tc = cfg[name]
-        ntasks = cfg.launch[name].tasks
-        if tc.steps <= 0:
-            fail(f"{name}.steps", tc.steps, "must be positive")
-        why = batch_split_error(tc, ntasks)
-        if why:
-            fail(f"{name}.batch_size", tc.batch_size, f"{why} (launch.{name}.tasks)")
-        if tc.zero_stage not in (0, 1, 2, 3):
-            fail(f"{name}.zero_stage", tc.zero_stage, "must be 0, 1, 2 or 3")
-        if tc.lr_schedule not in ("constant", "cosine"):
-            fail(f"{name}.lr_schedule", tc.lr_schedule, "must be 'constant' or 'cosine'")
-        decays = list(tc.ema_decays)
-        if not decays or not all(0.0 <= d < 1.0 for d in decays) or len(set(decays)) != len(decays):
-            fail(f"{name}.ema_decays", decays, "must be a non-empty list of distinct decays in [0, 1)")
-        if tc.precision not in PRECISIONS:
-            fail(f"{name}.precision", tc.precision, f"must be one of {', '.join(PRECISIONS)}")
-        if tc.max_nonfinite_steps < 1:
-            fail(f"{name}.max_nonfinite_steps", tc.max_nonfinite_steps, "must be at least 1")
-        if tc.trunk_lr is not None and (name != "train_decoder" or tc.freeze_trunk):
-            fail(f"{name}.trunk_lr", tc.trunk_lr, "only the decoder stage with freeze_trunk=false trains the "
-                 "trunk at its own learning rate: remove the key or set train_decoder.freeze_trunk=false")
-        if tc.ckpt_every <= 0 or tc.keep_ckpts < 1:
-            fail(f"{name}.ckpt_every", tc.ckpt_every, "ckpt_every must be positive and keep_ckpts >= 1")
-    if cfg.train_decoder.init_from and not Path(cfg.train_decoder.init_from).is_file():
-        fail("train_decoder.init_from", cfg.train_decoder.init_from, "file does not exist")
-    if cfg.fid.samples_per_class <= 0:
-        fail("fid.samples_per_class", cfg.fid.samples_per_class, "must be positive")
-    if cfg.logging.wandb not in ("offline", "online", "disabled"):
-        fail("logging.wandb", cfg.logging.wandb, "must be offline, online or disabled")
-
-
-def _check_sampler(sampler, key: str, fail) -> None:
-    if sampler.kind not in SAMPLERS:
-        fail(f"{key}.kind", sampler.kind, f"must be one of {', '.join(SAMPLERS)}")
-    if sampler.steps <= 0:
-        fail(f"{key}.steps", sampler.steps, "must be positive")
-    if len(sampler.cfg_interval) != 2 or not 0 <= sampler.cfg_interval[0] <= sampler.cfg_interval[1] <= 1:
-        fail(f"{key}.cfg_interval", list(sampler.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
-    if sampler.guidance not in GUIDANCE:
-        fail(f"{key}.guidance", sampler.guidance, f"must be one of {', '.join(GUIDANCE)}")
-    if sampler.cfg_schedule not in CFG_SCHEDULES:
-        fail(f"{key}.cfg_schedule", sampler.cfg_schedule, f"must be one of {', '.join(CFG_SCHEDULES)}")
-    for name in ("temperature", "semantic_temperature"):
-        if sampler[name] <= 0:
-            fail(f"{key}.{name}", sampler[name], "must be positive (1 = the model's distribution)")
-    if sampler.top_k < 0:
-        fail(f"{key}.top_k", sampler.top_k, "must be >= 0 (0 = all entries)")
 
 
 def sweep_points(cfg, source: str = "config") -> list[tuple[str, Any]]:
@@ -263,12 +224,15 @@ def config_hash(cfg) -> str:
 
 
 def to_container(cfg) -> dict:
-    """Plain data (dicts, lists, scalars) for checkpoints and JSON."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    """Plain data (dicts, lists, scalars; the choices as their strings) for checkpoints, JSON and wandb."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 def from_container(data: dict):
     """Rebuild a typed config from plain data (the saved run config); validated like a file."""
+    trunk = data.get("train_trunk")
+    if isinstance(trunk, dict) and all(trunk.get(k, v) == v for k, v in _DECODER_ONLY.items()):
+        data = {**data, "train_trunk": {k: v for k, v in trunk.items() if k not in _DECODER_ONLY}}
     cfg = _merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), "saved run config")
     validate(cfg, "saved run config")
     return cfg

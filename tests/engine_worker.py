@@ -2,7 +2,7 @@
 
     python -m tests.engine_worker OUT_DIR '{"steps": 10, "zero_stage": 2, ...}'
 
-The JSON holds TrainConfig keys plus the worker's own: `noise` (draw noise from the global RNG in the loss,
+The JSON holds DecoderTrainConfig keys plus the worker's own: `noise` (draw noise from the global RNG in the loss,
 so resume must restore RNG states), `nan_batches` (global micro-batch indices whose loss is NaN, gradients
 finite), `nan_grad_batches` (loss finite, gradients NaN) and `train` ("all" or "decoder": the `trunk.`
 parameters stay frozen). Torch's distributed variables come from the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pixelgen.engine.config import LoggingConfig, TrainConfig
+from pixelgen.engine.config import DecoderTrainConfig, LoggingConfig
 from pixelgen.engine.train import run_training, TrainTask
 
 RES, CLASSES = 8, 4
@@ -95,7 +95,7 @@ def make_task(opts: dict) -> TrainTask:
 def main(out_dir: str, spec: str) -> int:
     raw = json.loads(spec)
     opts = {**WORKER_KEYS, **{k: raw.pop(k) for k in list(raw) if k in WORKER_KEYS}}
-    cfg = TrainConfig(**raw)
+    cfg = DecoderTrainConfig(**raw)  # the engine's keys, and trunk_lr for the decoder-only case
     opts.update(lr=cfg.lr, trunk_lr=cfg.trunk_lr)
     result = run_training(make_task(opts), cfg, Path(out_dir), logging=LoggingConfig(wandb="disabled"),
                           run_name="engine-test", group="engine-test", run_config={"train": asdict(cfg)},

@@ -74,6 +74,21 @@ def test_impossible_combinations(tmp_path, override, key):
     assert f"'{key}'" in msg
 
 
+@pytest.mark.parametrize("stage", ["train_trunk", "train_decoder"])
+def test_batch_must_split_evenly_over_the_ranks(tmp_path, stage):
+    # tiny.yaml: batch 8, grad_accum 1. Three ranks cannot share 8 images evenly.
+    assert load_config(TINY, ["data.imagenet_dir=/x"])[stage].batch_size == 8
+    msg, path = _err(tmp_path, overrides=["data.imagenet_dir=/x", f"launch.{stage}.tasks=3"])
+    assert f"'{stage}.batch_size'" in msg and f"launch.{stage}.tasks" in msg and path in msg
+    msg, _ = _err(tmp_path, overrides=["data.imagenet_dir=/x", f"launch.{stage}.tasks=2", f"{stage}.grad_accum=8"])
+    assert f"'{stage}.batch_size'" in msg and f"launch.{stage}.tasks" in msg
+    # Rank counts that divide the batch (with its accumulation) are accepted.
+    for extra in ([f"launch.{stage}.tasks=2"], [f"launch.{stage}.tasks=8"],
+                  [f"launch.{stage}.tasks=2", f"{stage}.grad_accum=4"]):
+        cfg = load_config(TINY, ["data.imagenet_dir=/x", *extra])
+        assert cfg.launch[stage].tasks == int(extra[0].split("=")[1])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -112,3 +127,21 @@ def test_every_path_is_made_absolute_for_jobs_started_elsewhere(tmp_path, monkey
     rundir.resolve_paths(cfg)
     assert cfg.run_dir == str(tmp_path / "runs" / "a") and cfg.data.imagenet_dir == str(tmp_path / "data" / "in")
     assert cfg.model.repa.teacher.weights == str(tmp_path / "weights" / "dino.safetensors")
+
+
+def test_decoder_only_keys_are_refused_on_the_trunk_stage(tmp_path):
+    # Once silently ignored: the trunk stage has no trunk to load or freeze.
+    for key in ("init_from=/x", "freeze_trunk=false", "trunk_lr=0.1"):
+        with pytest.raises(ConfigError, match=rf"'train_trunk.{key.split('=')[0]}' belongs to the decoder stage.*"
+                                              rf"set train_decoder.{key.split('=')[0]}"):
+            load_config(TINY, ["data.imagenet_dir=/x", f"train_trunk.{key}"])
+    # A run folder written while both stages shared one schema (the decoder keys at their defaults under
+    # train_trunk too) is read back, and its config still counts as unchanged.
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/x"])
+    run_dir = rundir.prepare(cfg)
+    old = (run_dir / "config.yaml").read_text().replace(
+        "train_trunk:\n", "train_trunk:\n  init_from: null\n  freeze_trunk: true\n  trunk_lr: null\n", 1)
+    assert old.count("init_from:") == 2  # train_trunk's and train_decoder's
+    (run_dir / "config.yaml").write_text(old)
+    assert rundir.load_run_config(run_dir) == cfg
+    rundir.prepare(cfg)

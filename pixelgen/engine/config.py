@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from enum import StrEnum
+from typing import Callable, Optional
 
-PRECISIONS = ("auto", "bf16", "fp32")
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 with fp32 master weights on a GPU, fp32 on the CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class LRSchedule(StrEnum):
+    constant = "constant"
+    cosine = "cosine"  # after the warmup, down to 0 at `steps`
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"  # needs WANDB_API_KEY in the environment
+    disabled = "disabled"
+
+
+PRECISIONS = tuple(Precision)
+Fail = Callable[[str, object, str], None]  # fail(full key, value, why) raises naming the key
 
 
 @dataclass
@@ -15,13 +35,12 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine (after warmup)
+    lr_schedule: LRSchedule = LRSchedule.constant
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     zero_stage: int = 2
-    # auto: bf16 with fp32 master weights on a GPU, fp32 on the CPU
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     compile: bool = False  # torch.compile the model (after the first step, which counts its FLOPs)
     # One fp32 EMA per decay; the first is the one sampling, the FID stage and the decoder stage use.
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])
@@ -33,15 +52,20 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     peak_tflops: Optional[float] = None  # the device's peak for MFU; None = known GPUs by name, none on a CPU
     seed: int = 0
-    # Decoder stage only: where the trunk comes from. None = the train_trunk stage's export in the run folder.
-    init_from: Optional[str] = None
+
+
+@dataclass
+class DecoderTrainConfig(TrainConfig):
+    """The decoder stage's keys: the engine's, plus where the trunk comes from and whether it trains."""
+
+    init_from: Optional[str] = None  # an exported generator .safetensors; None = the train_trunk stage's export
     freeze_trunk: bool = True
     trunk_lr: Optional[float] = None  # with freeze_trunk=false: the trunk's own learning rate (None = lr)
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "offline"  # offline | online | disabled (online needs WANDB_API_KEY in the environment)
+    wandb: WandbMode = WandbMode.offline
     project: str = "pixelgen"
     entity: Optional[str] = None
 
@@ -52,3 +76,25 @@ def batch_split_error(cfg: TrainConfig, ranks: int) -> str | None:
     if cfg.batch_size % (cfg.grad_accum * ranks):
         return f"must be divisible by grad_accum x ranks = {cfg.grad_accum} x {ranks}"
     return None
+
+
+def check_train(tc: TrainConfig, key: str, fail: Fail) -> None:
+    """A training stage's own cross-field checks; `key` is the stage (train_trunk, train_decoder)."""
+    if tc.steps <= 0:
+        fail(f"{key}.steps", tc.steps, "must be positive")
+    if tc.zero_stage not in (0, 1, 2, 3):
+        fail(f"{key}.zero_stage", tc.zero_stage, "must be 0, 1, 2 or 3")
+    decays = list(tc.ema_decays)
+    if not decays or not all(0.0 <= d < 1.0 for d in decays) or len(set(decays)) != len(decays):
+        fail(f"{key}.ema_decays", decays, "must be a non-empty list of distinct decays in [0, 1)")
+    if tc.max_nonfinite_steps < 1:
+        fail(f"{key}.max_nonfinite_steps", tc.max_nonfinite_steps, "must be at least 1")
+    if tc.ckpt_every <= 0 or tc.keep_ckpts < 1:
+        fail(f"{key}.ckpt_every", tc.ckpt_every, "ckpt_every must be positive and keep_ckpts >= 1")
+
+
+def check_decoder_train(tc: DecoderTrainConfig, key: str, fail: Fail) -> None:
+    check_train(tc, key, fail)
+    if tc.trunk_lr is not None and tc.freeze_trunk:
+        fail(f"{key}.trunk_lr", tc.trunk_lr, "only the decoder stage with freeze_trunk=false trains the trunk at "
+             f"its own learning rate: remove the key or set {key}.freeze_trunk=false")

@@ -94,7 +94,7 @@ def _init_wandb(out_dir: Path, cfg: LoggingConfig, run_name: str, group: str, co
     if cfg.wandb == "offline":
         run_id = f"{run_id}-{uuid.uuid4().hex[:4]}"
     run = wandb.init(project=cfg.project, entity=cfg.entity, name=run_name, group=group, id=run_id,
-                     resume="allow", mode=cfg.wandb, dir=str(out_dir), config=config,
+                     resume="allow", mode=str(cfg.wandb), dir=str(out_dir), config=config,
                      settings=wandb.Settings(quiet=True))  # our own console line and summary say the same
     run.define_metric("*", step_metric="global_step")
     return run

@@ -20,3 +20,8 @@ class FIDConfig:
     # More sampler settings to score after `sampler`'s, against the same reference statistics: each entry is
     # space-separated sampler keys, e.g. "guidance=semantic semantic_cfg_scale=2.0" or "cfg_scale=1.5".
     sweep: list[str] = field(default_factory=list)
+
+
+def check_fid(fid: FIDConfig, fail) -> None:
+    if fid.samples_per_class <= 0:
+        fail("fid.samples_per_class", fid.samples_per_class, "must be positive")

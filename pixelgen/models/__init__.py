@@ -83,6 +83,8 @@ def check_networks(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfi
         fail("decoder.mlp_hidden", dec.mlp_hidden, "must be positive (or null for mlp_ratio x pixel_dim)")
     if model_cfg.repa.weight < 0:
         fail("repa.weight", model_cfg.repa.weight, "must be >= 0 (0 = REPA off)")
+    if not 0.0 <= model_cfg.class_dropout < 1.0:
+        fail("class_dropout", model_cfg.class_dropout, "must be in [0, 1)")
 
 
 def pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig) -> PixelDecoder:

@@ -3,7 +3,9 @@ sampler, and the frozen DINO teachers that REPA and the DINO student use."""
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Optional
+from typing import Callable, Optional
+
+Fail = Callable[[str, object, str], None]  # fail(full key, value, why) raises naming the key
 
 
 # The choices of the keys below. OmegaConf rejects any other value when a config is merged, naming the key; the
@@ -228,3 +230,25 @@ class SamplerConfig:
     semantic_temperature: float = 1.0  # divides the dictionary logits (discrete)
     top_k: int = 0  # discrete: sample among the k most likely entries (0 = all)
     kv_cache: bool = True
+
+
+def check_objective(o: ObjectiveConfig, fail: Fail) -> None:
+    if o.decoder_patches < 0:
+        fail("objective.decoder_patches", o.decoder_patches, "must be >= 0 (0 = every patch)")
+    if o.diffusion_batch_mul < 1:
+        fail("objective.diffusion_batch_mul", o.diffusion_batch_mul, "must be at least 1")
+    for key in ("t_std", "t_eps", "noise_scale", "time_shift"):
+        if getattr(o, key) <= 0:
+            fail(f"objective.{key}", getattr(o, key), "must be positive")
+
+
+def check_sampler(s: SamplerConfig, fail: Fail, key: str = "sampler") -> None:
+    if s.steps <= 0:
+        fail(f"{key}.steps", s.steps, "must be positive")
+    if len(s.cfg_interval) != 2 or not 0 <= s.cfg_interval[0] <= s.cfg_interval[1] <= 1:
+        fail(f"{key}.cfg_interval", list(s.cfg_interval), "must be [low, high] with 0 <= low <= high <= 1")
+    for name in ("temperature", "semantic_temperature"):
+        if getattr(s, name) <= 0:
+            fail(f"{key}.{name}", getattr(s, name), "must be positive (1 = the model's distribution)")
+    if s.top_k < 0:
+        fail(f"{key}.top_k", s.top_k, "must be >= 0 (0 = all entries)")
