@@ -39,7 +39,8 @@ import torch
 from pixelgen import ar
 from pixelgen.data.fake_imagenet import class_name
 from pixelgen.io import atomic_write
-from pixelgen.models import build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import count_params
 from pixelgen.models.config import (DecoderConfig, ModelConfig, ObjectiveConfig, PixelARConfig, SamplerConfig,
                                     SemanticARConfig, TeacherConfig, TrunkConfig)
 from pixelgen.models.pixel_ar import CONTEXTS

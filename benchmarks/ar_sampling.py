@@ -49,7 +49,8 @@ from omegaconf import OmegaConf
 
 from pixelgen import ar
 from pixelgen.data.fake_imagenet import render
-from pixelgen.models import build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import count_params
 from pixelgen.models.config import (DecoderConfig, ModelConfig, ObjectiveConfig, PixelARConfig, SamplerConfig,
                                     SemanticARConfig, TeacherConfig, TrunkConfig)
 

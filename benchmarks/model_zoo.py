@@ -23,7 +23,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pixelgen.engine import flops
-from pixelgen.models import SIZES, build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import SIZES, count_params
 from pixelgen.models.config import DecoderConfig, ModelConfig, TrunkConfig
 from pixelgen.models.memory import GiB, estimate_memory
 

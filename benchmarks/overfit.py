@@ -25,7 +25,8 @@ from PIL import Image
 from pixelgen.data.fake_imagenet import class_name, render
 from pixelgen.diffusion import OBJECTIVES, SAMPLERS, FlowMatching, sample
 from pixelgen.io import atomic_write
-from pixelgen.models import build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import count_params
 from pixelgen.models.config import DecoderConfig, ModelConfig, ObjectiveConfig, SamplerConfig, TrunkConfig
 from pixelgen.viz import to_uint8
 

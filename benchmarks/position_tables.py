@@ -45,7 +45,8 @@ import torch
 from omegaconf import OmegaConf
 
 from pixelgen import ar, diffusion
-from pixelgen.models import build_generator, layers
+from pixelgen.families import build_generator
+from pixelgen.models import layers
 from pixelgen.models.config import (DecoderConfig, ModelConfig, ObjectiveConfig, PixelARConfig, SamplerConfig,
                                     SemanticARConfig, TeacherConfig, TrunkConfig)
 

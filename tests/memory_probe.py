@@ -25,7 +25,7 @@ import sys
 import torch
 
 from pixelgen.diffusion import FlowMatching
-from pixelgen.models import build_generator
+from pixelgen.families import build_generator
 from pixelgen.models.config import DecoderConfig, ModelConfig, ObjectiveConfig, TrunkConfig
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelgen import ar
-from pixelgen.models import build_generator, check_model_config
+from pixelgen.families import build_generator, check_model_config
 from pixelgen.models.config import (DecoderConfig, ModelConfig, ObjectiveConfig, PixelARConfig, RepaConfig,
                                     SamplerConfig, SemanticARConfig, TeacherConfig, TrunkConfig)
 from pixelgen.models.pixel_ar import logistic_bin_logp

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pixelgen.diffusion import FlowMatching, sample, time_shift, velocity_cfg
-from pixelgen.models import build_generator
+from pixelgen.families import build_generator
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, TrunkConfig
 
 NUM_CLASSES = 10

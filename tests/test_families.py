@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError, load_config
-from pixelgen.models import build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import count_params
 from tests.conftest import ROOT, TINY, pixelgen
 
 CONFIGS = ROOT / "configs"
@@ -104,6 +105,28 @@ def test_every_example_config_loads_and_builds(name, published):
     cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
     with torch.device("meta"):
         model = build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+    # The family's networks, as the config names them.
+    from pixelgen.families import check_model_config
+    from pixelgen.models import ARGenerator, PixelDecoder, PixelGenerator
+    from pixelgen.models.ar_generator import PatchDiffusionHead
+    from pixelgen.models.pixel_ar import PixelARDecoder
+    from pixelgen.models.semantic_ar import SemanticAR
+    from pixelgen.models.student import DinoStudentTrunk
+    from pixelgen.models.trunk import PatchTrunk
+
+    kind, dec_kind = cfg.model.trunk.kind, cfg.model.decoder.kind
+    trunk_cfg, dec_cfg = check_model_config(OmegaConf.to_object(cfg.model), cfg.data.resolution)
+    assert isinstance(model, ARGenerator if kind == "semantic_ar" else PixelGenerator)
+    assert type(model.trunk) is {"pixeldit": PatchTrunk, "dino_student": DinoStudentTrunk, "semantic_ar": SemanticAR}[kind]
+    if dec_kind == "pixel_ar":
+        assert isinstance(model.decoder, PixelARDecoder)
+    else:
+        pixel = model.decoder.net if kind == "semantic_ar" else model.decoder
+        assert isinstance(model.decoder, PatchDiffusionHead if kind == "semantic_ar" else PixelDecoder)
+        assert isinstance(pixel, PixelDecoder) and pixel.kind == dec_kind
+    if kind != "semantic_ar":
+        assert len(model.trunk.blocks) == trunk_cfg.depth and len(model.decoder.blocks) == dec_cfg.depth
+    assert (model.projector is not None) == (cfg.model.repa.weight > 0) if kind != "semantic_ar" else True
     if published:
         # The published count is the generator alone; REPA's projector is a training aid on top.
         n = count_params(model) - (count_params(model.projector) if model.projector is not None else 0)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pixelgen.models import build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import count_params
 from pixelgen.models.config import DecoderConfig, ModelConfig, TrunkConfig
 from pixelgen.models.memory import estimate_memory, model_state_bytes
 

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from pixelgen.models import SIZES, build_generator, count_params
+from pixelgen.families import build_generator
+from pixelgen.models import SIZES, count_params
 from pixelgen.models.config import DecoderConfig, ModelConfig, RepaConfig, TrunkConfig
 from pixelgen.models.layers import apply_rope, rope_2d
 
@@ -195,8 +196,18 @@ def test_repa_features_are_the_projected_output_of_block_k():
 
 
 def test_frozen_trunk_gets_no_gradients():
+    """The decoder stage's freeze_trunk, through the family's predicate applied as the engine applies it."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import ExperimentConfig
+    from pixelgen import families
+
+    cfg = OmegaConf.structured(ExperimentConfig)
+    assert cfg.train_decoder.freeze_trunk  # the default
+    trains = families.get("pixeldit").trainable(cfg, "train_decoder")
     model = wake_zero_inits(tiny_model())
-    model.trunk.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name))
     x, t, y = inputs()
     model(x, t, y).square().mean().backward()
     assert all(p.grad is None for p in model.trunk.parameters())

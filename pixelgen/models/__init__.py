@@ -116,18 +116,6 @@ def pixel_generator(model_cfg: ModelConfig, trunk: nn.Module, trunk_cfg: TrunkCo
                           projector=projector, repa_block=repa_block)
 
 
-def build_generator(model_cfg: ModelConfig, resolution: int, *, pretrained: bool = True):
-    from pixelgen.families import build_generator as build  # the registry sits above the networks
-
-    return build(model_cfg, resolution, pretrained=pretrained)
-
-
-def check_model_config(model_cfg: ModelConfig, resolution: int):
-    from pixelgen.families import check_model_config as check
-
-    return check(model_cfg, resolution)
-
-
 def count_params(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -141,8 +129,6 @@ __all__ = [
     "PixelDecoder",
     "PixelGenerator",
     "TrunkOutput",
-    "build_generator",
-    "check_model_config",
     "check_networks",
     "count_params",
     "pixel_decoder",
