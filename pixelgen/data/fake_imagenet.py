@@ -175,6 +175,29 @@ def _plan(num_classes: int, train_per_class: int, val_per_class: int) -> list[tu
     return items
 
 
+def _finished(out_dir: str, params: dict) -> dict | None:
+    """The summary of a finished set made with `params` in `out_dir`, or None when there is none to keep (an
+    older generator's set with the same parameters is removed); refuses a folder holding anything else."""
+    marker_path = os.path.join(out_dir, MARKER)
+    if os.path.exists(marker_path):
+        with open(marker_path) as f:
+            summary = json.load(f)
+        if summary["params"] == params:
+            return {**summary, "path": out_dir}
+        if {**summary["params"], "format_version": FORMAT_VERSION} != params:
+            raise ValueError(
+                f"{out_dir} already holds a fake ImageNet made with {summary['params']}, not the requested "
+                f"{params}; pick another folder or delete this one"
+            )
+        shutil.rmtree(out_dir)  # the same set made by an older version of this generator: ours to replace
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(
+            f"{out_dir} exists, is not empty and has no {MARKER}, so it is not a finished fake ImageNet; "
+            "pick another folder or delete this one"
+        )
+    return None
+
+
 def generate(
     out_dir: str,
     num_classes: int = 10,
@@ -207,23 +230,9 @@ def generate(
         "seed": seed,
     }
     out_dir = os.path.abspath(out_dir)
-    marker_path = os.path.join(out_dir, MARKER)
-    if os.path.exists(marker_path):
-        with open(marker_path) as f:
-            summary = json.load(f)
-        if summary["params"] == params:
-            return {**summary, "path": out_dir}
-        if {**summary["params"], "format_version": FORMAT_VERSION} != params:
-            raise ValueError(
-                f"{out_dir} already holds a fake ImageNet made with {summary['params']}, not the requested "
-                f"{params}; pick another folder or delete this one"
-            )
-        shutil.rmtree(out_dir)  # the same set made by an older version of this generator: ours to replace
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(
-            f"{out_dir} exists, is not empty and has no {MARKER}, so it is not a finished fake ImageNet; "
-            "pick another folder or delete this one"
-        )
+    done = _finished(out_dir, params)
+    if done is not None:
+        return done
 
     # An interrupted earlier run may have left a partial build; start it over.
     build_dir = out_dir + ".tmp"

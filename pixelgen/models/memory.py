@@ -14,6 +14,7 @@ autograd saves for backward are counted (see `_trace`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import weakref
@@ -245,39 +246,58 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
         x0 = torch.randn(batch_size, 3, resolution, resolution, dtype=dtype)
         y = torch.randint(0, model_cfg.num_classes, (batch_size,))
 
-        packed: list[tuple[weakref.ref, Optional[str]]] = []  # (saved tensor, the block saving it)
-        block_inputs: dict[str, set[int]] = {}
-        current: list[Optional[str]] = [None]
+        recorder = _SavedTensors()
+        with recorder.recording(model):
+            loss, _ = loss_fn(model, x0, y)
+        gc.collect()  # a dropped checkpoint frame sits in a reference cycle with its saves
+        saved_bytes, block_saved_bytes = recorder.held(weights)
+        del loss  # only now: the graph it roots holds the saves counted
+    return _Trace(params_total=n_total, params_trainable=n_trainable, saved_bytes=saved_bytes,
+                  block_saved_bytes=block_saved_bytes)
 
-        def pack(t: torch.Tensor) -> _Packed:
-            box = _Packed(t)
-            packed.append((weakref.ref(box), current[0]))
-            return box
 
-        def enter(name: str):
-            def hook(module, args):
-                current[0] = name
-                block_inputs[name] = {_storage_key(a) for a in _tensors(args)}
-            return hook
+class _SavedTensors:
+    """What autograd saves for backward during one forward, and which checkpointable block saved it."""
 
-        def leave(module, args, output):
-            current[0] = None
+    def __init__(self):
+        self.packed: list[tuple[weakref.ref, Optional[str]]] = []  # (saved tensor, the block saving it)
+        self.block_inputs: dict[str, set[int]] = {}
+        self.current: Optional[str] = None
 
+    def _pack(self, t: torch.Tensor) -> _Packed:
+        box = _Packed(t)
+        self.packed.append((weakref.ref(box), self.current))
+        return box
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            self.current = name
+            self.block_inputs[name] = {_storage_key(a) for a in _tensors(args)}
+        return hook
+
+    def _leave(self, module, args, output):
+        self.current = None
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module):
         handles = []
         for part in _PARTS:
             for i, block in enumerate(_blocks(getattr(model, part))):
-                handles.append(block.register_forward_pre_hook(enter(f"{part}.blocks.{i}")))
-                handles.append(block.register_forward_hook(leave))
-        with saved_tensors_hooks(pack, lambda box: box.tensor):
-            loss, _ = loss_fn(model, x0, y)
-        for h in handles:
-            h.remove()
-        gc.collect()  # a dropped checkpoint frame sits in a reference cycle with its saves
+                handles.append(block.register_forward_pre_hook(self._enter(f"{part}.blocks.{i}")))
+                handles.append(block.register_forward_hook(self._leave))
+        try:
+            with saved_tensors_hooks(self._pack, lambda box: box.tensor):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
+    def held(self, weights: set[int]) -> tuple[int, dict[str, int]]:
+        """Bytes the graph still holds when the forward is over (weights and buffers left out, views of one
+        storage counted once), and per block its own saves (its inputs excluded)."""
         saved: dict[int, int] = {}
-        per_block: dict[str, dict[int, int]] = {name: {} for name in block_inputs}
-        box = None
-        for ref, block in packed:
+        per_block: dict[str, dict[int, int]] = {name: {} for name in self.block_inputs}
+        for ref, block in self.packed:
             box = ref()
             if box is None:
                 continue
@@ -285,15 +305,9 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
             if key in weights:
                 continue
             saved[key] = _storage_bytes(box.tensor)
-            if block is not None and key not in block_inputs[block]:
+            if block is not None and key not in self.block_inputs[block]:
                 per_block[block][key] = saved[key]
-        del loss, box
-    return _Trace(
-        params_total=n_total,
-        params_trainable=n_trainable,
-        saved_bytes=sum(saved.values()),
-        block_saved_bytes={name: sum(keys.values()) for name, keys in per_block.items()},
-    )
+        return sum(saved.values()), {name: sum(keys.values()) for name, keys in per_block.items()}
 
 
 def _blocks(part: nn.Module) -> nn.ModuleList:
