@@ -141,6 +141,58 @@ def test_epochs_reorder_and_each_covers_the_set(shards):
     assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
 
 
+@pytest.fixture(scope="module")
+def one_shard(source, tmp_path_factory) -> str:
+    """The whole train split in a single shard: the shard order is the same every epoch, so only the
+    in-window shuffle and the flips can make one epoch differ from the next."""
+    out = str(tmp_path_factory.mktemp("one-shard"))
+    write_shards(source, out, ShardConfig(max_count=1000, workers=1), resolution=RES, progress=False)
+    assert len(counts(out)) == 1
+    return out
+
+
+def _flip_bits(batch, samples: dict) -> dict[str, bool]:
+    """key -> whether the loader delivered the stored image mirrored, for one batch read with keys."""
+    images, _, keys = batch
+    bits = {}
+    for image_chw, key in zip(images, keys):
+        image, stored_image = image_chw.permute(1, 2, 0).numpy(), samples[key]
+        assert not np.array_equal(stored_image, stored_image[:, ::-1]), key  # the flip is visible
+        bits[key] = bool(np.array_equal(image, stored_image[:, ::-1]))
+        if not bits[key]:
+            np.testing.assert_array_equal(image, stored_image)
+    return bits
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_single_shard_is_reshuffled_and_reflipped_every_epoch(one_shard, world_size):
+    sizes = counts(one_shard)
+    length = sum(sizes) // world_size
+    plans = [epoch_plan(sizes, 7, epoch, world_size - 1, world_size, length) for epoch in range(3)]
+    for a, b in itertools.combinations(plans, 2):
+        assert a[1].tolist() != b[1].tolist()  # the order of the samples
+        assert not np.array_equal(a[2], b[2])  # and their flips, position by position
+    # Reproducible: the same (seed, epoch, rank, world_size) gives the same plan.
+    for epoch, plan in enumerate(plans):
+        again = epoch_plan(sizes, 7, epoch, world_size - 1, world_size, length)
+        assert all(np.array_equal(x, y) for x, y in zip(plan, again))
+
+    # And what the loader delivers: two epochs, one batch each, read through the real shards.
+    samples = {key: image for key, image, _ in stored(one_shard, "train")[0]}
+    args = dict(seed=7, rank=world_size - 1, world_size=world_size, shuffle_buffer=length, with_keys=True)
+    epochs = take(train_loader(one_shard, length, **args), 2)
+    (_, _, keys0), (_, _, keys1) = epochs
+    assert keys0 == plan_keys(one_shard, plans[0]) and keys1 == plan_keys(one_shard, plans[1])
+    if world_size == 1:
+        assert sorted(keys0) == sorted(keys1) == sorted(samples)
+    assert keys0 != keys1
+    flips0, flips1 = (_flip_bits(batch, samples) for batch in epochs)
+    assert [flips0[k] for k in keys0] == plans[0][2].tolist() and [flips1[k] for k in keys1] == plans[1][2].tolist()
+    common = sorted(flips0.keys() & flips1.keys())
+    assert len(common) >= length // 2 and any(flips0[k] != flips1[k] for k in common)
+    assert same(epochs, take(train_loader(one_shard, length, **args), 2))
+
+
 def test_samples_dropped_to_even_out_ranks_change_every_epoch(shards):
     sizes = counts(shards)
     world = next(w for w in (5, 7, 11) if sum(sizes) % w)

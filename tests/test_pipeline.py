@@ -3,6 +3,7 @@ executor (real subprocesses), real WebDataset shards, a real DeepSpeed engine (g
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,9 +73,20 @@ def test_rerun_skips_finished_stages(chain, fake_imagenet):
 def test_status_reports_each_stage(chain):
     run_dir, _ = chain
     out = pixelgen("status", str(run_dir)).stdout
-    for stage in ("shard", "train_trunk", "train_decoder", "fid"):
+    stages = ("shard", "train_trunk", "train_decoder", "fid")
+    for stage in stages:
         assert stage in out
     assert out.count("done") == 4
+    # Each stage is on its own table row, and that row's state cell says done.
+    table = [[cell.strip() for cell in re.split(r"[│┃|]", line)[1:-1]] for line in out.splitlines()
+             if re.match(r"\s*[│┃|]", line)]
+    assert ["stage", "state"] == table[0][:2], out  # the header: the state is the second column
+    states = {}
+    for cells in table[1:]:
+        if cells[0]:  # a folded detail continues on lines whose stage cell is empty
+            assert cells[0] not in states, out
+            states[cells[0]] = cells[1]
+    assert states == {stage: "done" for stage in stages}, out
 
 
 def test_failed_stage_leaves_no_marker_and_names_the_key(tmp_path, fake_imagenet):
