@@ -180,6 +180,18 @@ def test_job_scripts_for_apptainer(tmp_path, fake_imagenet):
                          f"submitit.core._submit {run}/submitit/%j")
 
 
+def test_containers_mount_every_teacher_the_family_loads(tmp_path):
+    # The semantic AR's teacher gives both training stages their targets; REPA's would not be loaded here.
+    weights = tmp_path / "teachers" / "dinov3.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"stand-in")
+    cfg = load_config(ROOT / "configs" / "tiny_dual_ar_discrete.yaml",
+                      ["data.imagenet_dir=/data", f"model.trunk.ar.teacher.weights={weights}"])
+    _, profile = cluster.load_profile("local")
+    mounts = cluster.container_mounts(cfg, tmp_path / "run", profile)
+    assert str(weights.parent) in mounts and str(tmp_path / "run") in mounts and "/data" in mounts
+
+
 def test_states_come_from_markers_results_and_the_record(tmp_path):
     """Without the queue's help (jobs long gone from squeue): a DONE marker means done, submitit's error
     result names the failure, a cancelled job stays cancelled, and what follows a failure did not run."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline.cluster.profile import TRAIN_STAGES, ClusterProfile, tasks_per_node
+from pixelgen import families
 
 # `pixelgen stage` and a stage's SLURM job exit with this after saving a checkpoint on a preemption signal
 # ("temporary failure, try again", sysexits.h); the job script then requeues the job.
@@ -19,18 +20,16 @@ _SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def container_mounts(cfg, run_dir: Path, p: ClusterProfile) -> list[str]:
-    """Host folders a containerised job needs at the same paths: the run folder, the data, every weights file's
-    folder, and the profile's own mounts."""
+    """Host folders a containerised job needs at the same paths: the run folder, the data, the folder of every
+    weights file the stages load (the family's teachers among them), and the profile's own mounts."""
     paths = [run_dir]
     for key in ("data.imagenet_dir", "data.shard_dir"):
         value = OmegaConf.select(cfg, key)
         if value:
             paths.append(Path(value))
-    for key in ("train_decoder.init_from", "fid.inception_weights", "model.repa.teacher.weights",
-                "model.trunk.student.teacher.weights"):
-        value = OmegaConf.select(cfg, key)
-        if value:
-            paths.append(Path(value).parent)
+    weights = [OmegaConf.select(cfg, key) for key in ("train_decoder.init_from", "fid.inception_weights")]
+    weights += [teacher.weights for _, teacher in families.get(cfg.model.trunk.kind).teachers(cfg)]
+    paths += [Path(w).parent for w in weights if w]
     paths += [Path(m).expanduser() for m in p.container.mounts]
     out: list[Path] = []
     for path in sorted({Path(os.path.abspath(x)) for x in paths}, key=lambda x: (len(x.parts), str(x))):
