@@ -221,6 +221,37 @@ def test_ema_is_the_closed_form_average_of_the_applied_steps():
     assert ema.shadows[0]["w"][0].item() == pytest.approx(0.729 + 0.1 * (1.62 - 2.7 + 0.25), abs=1e-6)
 
 
+def test_ema_update_reads_nothing_on_the_host():
+    """The per-step update with a device-side `applied` flag never turns a tensor into a Python number
+    (aten._local_scalar_dense is what .item(), bool(t) and a tensor bound as a Scalar dispatch to), and it
+    equals the update with the same weight given as a number."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    params = [("a", torch.nn.Parameter(torch.randn(5))), ("b", torch.nn.Parameter(torch.randn(2, 3)))]
+    by_tensor, by_number = EMA(params, [0.9, 0.99]), EMA(params, [0.9, 0.99])
+    with torch.no_grad():
+        for _, p in params:
+            p.add_(1.0)
+    with HostReads() as reads:
+        by_tensor.update(torch.tensor(1.0))
+    assert reads.seen == []
+    by_number.update()
+    for i in range(2):
+        for name, _ in params:
+            assert torch.equal(by_tensor.shadows[i][name], by_number.shadows[i][name])
+
+
 # ------------------------------------------------------------------------------ ranks, ZeRO stages, export
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path, zero):

@@ -37,8 +37,14 @@ class EMA:
         names = list(self.params)
         current = [_local(self.params[n]).float() for n in names]
         for decay, shadow in zip(self.decays, self.shadows):
-            weight = 1.0 - decay if applied is None else (1.0 - decay) * applied
-            torch._foreach_lerp_([shadow[n] for n in names], current, weight)
+            targets = [shadow[n] for n in names]
+            if applied is None:
+                torch._foreach_lerp_(targets, current, 1.0 - decay)
+            else:
+                # One weight tensor per parameter: a single 0-dim tensor binds to the Scalar overload and is read
+                # on the host (.item(), a sync every step); the List overload keeps it on the device.
+                weight = (1.0 - decay) * applied
+                torch._foreach_lerp_(targets, current, [weight] * len(targets))
 
     def state_dict(self) -> dict:
         """This rank's averages (its shards under ZeRO-3)."""
