@@ -36,14 +36,15 @@ def _free_port() -> int:
 class Job:
     """`world` ranks of tests/engine_worker.py started together, as torchrun would."""
 
-    def __init__(self, out: Path, spec: dict, world: int = 1, env: dict | None = None):
+    def __init__(self, out: Path, spec: dict, world: int = 1, env: dict | None = None,
+                 worker: str = "tests.engine_worker"):
         port = str(_free_port())
         self.procs = []
         for rank in range(world):
             e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PIXELGEN_FAULT"))}
             e.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}))
-            cmd = [sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(spec)]
+            cmd = [sys.executable, "-m", worker, str(out), json.dumps(spec)]
             self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True))
 
@@ -250,6 +251,20 @@ def test_ema_update_reads_nothing_on_the_host():
     for i in range(2):
         for name, _ in params:
             assert torch.equal(by_tensor.shadows[i][name], by_number.shadows[i][name])
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_steady_training_steps_read_the_host_only_in_deepspeeds_norm_check(tmp_path, zero):
+    """bf16 steps that neither log, sample nor save wait for the device nowhere in pixelgen. DeepSpeed 0.19
+    itself reads one bool per step: its ZeRO step checks the global gradient norm with
+    `runtime/utils.is_invalid_grad_norm`; that is the one read allowed (docs/architecture.md, Non-finite steps)."""
+    (code, out), = Job(tmp_path / "run", {"zero_stage": zero, "precision": "bf16"},
+                       worker="tests.host_reads_worker").wait()
+    assert code == 0, out[-4000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    sites = {site: n for n, site in report["reads"]}
+    assert all(site.startswith("utils.py:is_invalid_grad_norm") for site in sites), sites
+    assert sum(sites.values()) <= report["steps"], sites
 
 
 # ------------------------------------------------------------------------------ ranks, ZeRO stages, export
