@@ -23,6 +23,7 @@ from pixelgen.engine.export import MODEL_FILE, PRIMARY_EMA, load_weights
 from pixelgen.engine.train import TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
 from pixelgen.io import atomic_write_file, atomic_write_json
+from pixelgen.precision import use_bf16
 from pixelgen.progress import console
 from pixelgen.viz import save_grid, to_uint8
 
@@ -280,6 +281,7 @@ def stage_fid(cfg, run_dir: Path) -> dict:
         "protocol": proto,
         "generator_weights": str(gen_path),
         "sampler": to_container(cfg.sampler),
+        "sampling_precision": "bf16" if use_bf16(cfg.sampler.precision, dist.device) else "fp32",
         "samples_npz": str(out / "samples.npz"),
         "sample_grid": str(grid),
         **({"sweep": sweep} if points else {}),

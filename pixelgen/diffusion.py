@@ -114,8 +114,8 @@ def _velocity(model, x_BCHW, t: float, y_B, null_class: int, cfg: SamplerConfig,
     low, high = cfg.cfg_interval
 
     def velocity(x, t_, y):
-        pred = model(x, t_, y)
-        return pred if objective is None else objective.to_velocity(pred.float(), x, t_)
+        pred = model(x, t_, y).float()  # bf16 under autocast: the guidance and the ODE step stay fp32
+        return pred if objective is None else objective.to_velocity(pred, x, t_)
 
     # Outside the guidance interval the unconditional half would be discarded, so it is not evaluated.
     if cfg.cfg_scale == 1.0 or not low < t < high:

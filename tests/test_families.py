@@ -255,3 +255,26 @@ def test_memory_estimate_of_the_ar_families(name):
     assert est.params_total == count_params(model)
     assert est.activations_per_sample > 0
     assert est.activations_per_sample_checkpointed < est.activations_per_sample
+
+
+@pytest.mark.parametrize("sampler", [[], ["sampler.kind=heun", "sampler.cfg_scale=2.0"]])
+def test_bf16_sampling_stays_close_to_fp32(sampler):
+    """sampler.precision=bf16 (what `auto` gives on a GPU) runs the network under autocast while the ODE state
+    and the guidance stay fp32: on a tiny PixelDiT with random non-zero weights, images in [-1, 1] differ from
+    fp32 sampling by under 0.005 on average and 0.1 at most (0.0017 and 0.03 measured: 0.2 and 4 of 255 levels)."""
+    from pixelgen import families
+
+    images = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _tiny("tiny", f"sampler.precision={precision}", *sampler)
+        torch.manual_seed(0)
+        model = families.build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():  # wake the zero-initialised output layers, so the network's output matters
+                    p.normal_(0.0, 0.2)
+        draw = families.get("pixeldit").sampler(cfg)
+        images[precision] = draw(model, torch.arange(4), torch.Generator().manual_seed(0))
+    assert images["bf16"].dtype == torch.float32
+    diff = (images["bf16"] - images["fp32"]).abs()
+    assert 0 < diff.mean() < 0.005 and diff.max() < 0.1, (diff.mean(), diff.max())

@@ -6,11 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Callable, Optional
 
-
-class Precision(StrEnum):
-    auto = "auto"  # bf16 with fp32 master weights on a GPU, fp32 on the CPU
-    bf16 = "bf16"
-    fp32 = "fp32"
+from pixelgen.precision import Precision
 
 
 class LRSchedule(StrEnum):
@@ -24,7 +20,6 @@ class WandbMode(StrEnum):
     disabled = "disabled"
 
 
-PRECISIONS = tuple(Precision)
 Fail = Callable[[str, object, str], None]  # fail(full key, value, why) raises naming the key
 
 
@@ -40,7 +35,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     zero_stage: int = 2
-    precision: Precision = Precision.auto
+    precision: Precision = Precision.auto  # auto: bf16 with fp32 master weights on a GPU, fp32 on the CPU
     compile: bool = False  # torch.compile the model (after the first step, which counts its FLOPs)
     # One fp32 EMA per decay; the first is the one sampling, the FID stage and the decoder stage use.
     ema_decays: list[float] = field(default_factory=lambda: [0.9999])

@@ -30,6 +30,7 @@ from pixelgen.engine.ema import EMA
 from pixelgen.engine.export import export_weights
 from pixelgen.engine.logger import MetricsLogger, console
 from pixelgen.engine.optim import SkippingAdamW, param_groups
+from pixelgen.precision import use_bf16
 from pixelgen.viz import plot_metrics, save_grid
 
 
@@ -74,10 +75,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def _micro_batch(cfg: TrainConfig, world_size: int) -> int:

@@ -22,6 +22,7 @@ from pixelgen.models import pixel_generator
 from pixelgen.models.config import DecoderConfig, ModelConfig, ObjectiveConfig, TeacherConfig, TrunkConfig
 from pixelgen.models.decoder import KINDS as PIXEL_DECODERS
 from pixelgen.models.teachers import TEACHERS
+from pixelgen.precision import autocast
 
 # (model, x_float_BCHW, y_B) -> (loss, {name: detached scalar tensor}), as pixelgen.engine.train.TrainTask takes it
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -48,11 +49,11 @@ def trunk_trains(cfg, stage: str) -> bool:
     return stage == "train_trunk" or (stage == "train_decoder" and not cfg.train_decoder.freeze_trunk)
 
 
-def _trains_anything(cfg) -> bool:
+def trains_any_stage(cfg) -> bool:
     return bool(set(cfg.stages) & set(TRAIN_STAGES))
 
 
-def _trains_trunk_anywhere(cfg) -> bool:
+def trunk_trains_anywhere(cfg) -> bool:
     return any(trunk_trains(cfg, s) for s in TRAIN_STAGES if s in cfg.stages)
 
 
@@ -108,7 +109,8 @@ class Family:
         raise NotImplementedError
 
     def sampler(self, cfg, sampler_cfg=None) -> DrawFn:
-        """Images for labels with `sampler_cfg` (default: the config's sampler)."""
+        """Images for labels with `sampler_cfg` (default: the config's sampler), the network under
+        `sampler_cfg.precision`."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------- memory estimation
@@ -134,7 +136,7 @@ class FlowFamily(Family):
                 fail("repa.block", repa.block, f"must be a trunk block between 1 and model.trunk.depth={trunk.depth}")
 
     def teachers(self, cfg):
-        if cfg.model.repa.weight > 0 and _trains_trunk_anywhere(cfg):
+        if cfg.model.repa.weight > 0 and trunk_trains_anywhere(cfg):
             return [("model.repa.teacher", cfg.model.repa.teacher)]
         return []
 
@@ -161,8 +163,13 @@ class FlowFamily(Family):
         sampler_cfg = cfg.sampler if sampler_cfg is None else sampler_cfg
         objective = self._objective(cfg)
         shape = (3, cfg.data.resolution, cfg.data.resolution)
-        return lambda model, y, g: sample(model, y, shape=shape, cfg=sampler_cfg, num_classes=cfg.model.num_classes,
-                                          generator=g, objective=objective)
+
+        def draw(model, y, g):
+            with autocast(sampler_cfg.precision, y.device):
+                return sample(model, y, shape=shape, cfg=sampler_cfg, num_classes=cfg.model.num_classes,
+                              generator=g, objective=objective)
+
+        return draw
 
     def trace_loss(self, model_cfg, resolution):
         objective = FlowMatching(ObjectiveConfig(), model_cfg.num_classes, model_cfg.class_dropout)

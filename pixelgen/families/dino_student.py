@@ -1,7 +1,7 @@
 """Method A: a DINOv3 student, initialised from its frozen teacher, reads the noised pixels (plus a time token);
 its patch tokens are aligned with the teacher's of the clean image while it trains."""
 
-from pixelgen.families.base import FlowFamily, _trains_trunk_anywhere
+from pixelgen.families.base import FlowFamily, trunk_trains_anywhere
 from pixelgen.models.teachers import TEACHERS
 
 
@@ -20,7 +20,7 @@ class DinoStudent(FlowFamily):
 
     def teachers(self, cfg):
         own = [("model.trunk.student.teacher", cfg.model.trunk.student.teacher)]  # the student starts from it
-        return super().teachers(cfg) + (own if _trains_trunk_anywhere(cfg) else [])
+        return super().teachers(cfg) + (own if trunk_trains_anywhere(cfg) else [])
 
     def alignment_terms(self, model_cfg):
         student = model_cfg.trunk.student

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from pixelgen.ar import ARObjective, build_dictionary, generate, needs_teacher
-from pixelgen.families.base import Family, StageContext, _trains_anything
+from pixelgen.families.base import Family, StageContext, trains_any_stage
 from pixelgen.io import atomic_write
 from pixelgen.models import pixel_decoder
 from pixelgen.models.ar_generator import ARGenerator, PatchDiffusionHead
@@ -21,6 +21,7 @@ from pixelgen.models.pixel_ar import CONTEXTS, OUTPUTS, PixelARDecoder
 from pixelgen.models.semantic_ar import DICTIONARIES, MODES, TARGETS
 from pixelgen.models.semantic_ar import SemanticAR as SemanticARTrunk
 from pixelgen.models.teachers import TEACHERS
+from pixelgen.precision import autocast
 from pixelgen.progress import console
 
 DICTIONARY_FILE = "dictionary.safetensors"
@@ -72,7 +73,7 @@ class SemanticAR(Family):
                      f"use at least {-(-ar.dict_size // patches)} images")
 
     def teachers(self, cfg):
-        if _trains_anything(cfg) and needs_teacher(cfg.model):  # its targets, in both training stages
+        if trains_any_stage(cfg) and needs_teacher(cfg.model):  # its targets, in both training stages
             return [("model.trunk.ar.teacher", cfg.model.trunk.ar.teacher)]
         return []
 
@@ -123,7 +124,12 @@ class SemanticAR(Family):
 
     def sampler(self, cfg, sampler_cfg=None):
         sampler_cfg = cfg.sampler if sampler_cfg is None else sampler_cfg
-        return lambda model, y, g: generate(model, y, sampler_cfg, objective=cfg.objective, generator=g).images
+
+        def draw(model, y, g):
+            with autocast(sampler_cfg.precision, y.device):  # logits and velocities are taken in fp32
+                return generate(model, y, sampler_cfg, objective=cfg.objective, generator=g).images
+
+        return draw
 
     def trace_loss(self, model_cfg, resolution):
         # Both levels, as a decoder stage with the trunk unfrozen trains them; a stand-in of the teacher's shape

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Callable, Optional
 
+from pixelgen.precision import Precision
+
 Fail = Callable[[str, object, str], None]  # fail(full key, value, why) raises naming the key
 
 
@@ -230,6 +232,9 @@ class SamplerConfig:
     semantic_temperature: float = 1.0  # divides the dictionary logits (discrete)
     top_k: int = 0  # discrete: sample among the k most likely entries (0 = all)
     kv_cache: bool = True
+    # The network under bf16 autocast (auto: on a GPU); the ODE state, guidance and sampling arithmetic stay fp32.
+    # fp32 for checks.
+    precision: Precision = Precision.auto
 
 
 def check_objective(o: ObjectiveConfig, fail: Fail) -> None:
