@@ -30,7 +30,7 @@ from pixelgen.engine.ema import EMA
 from pixelgen.engine.export import export_weights
 from pixelgen.engine.logger import MetricsLogger, console
 from pixelgen.engine.optim import SkippingAdamW, param_groups
-from pixelgen.precision import use_bf16
+from pixelgen.precision import autocast, use_bf16
 from pixelgen.viz import plot_metrics, save_grid
 
 
@@ -224,7 +224,7 @@ class _Run:
     step: int  # optimizer steps done
 
     def autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return autocast(self.cfg.precision, self.dist.device)
 
 
 def _make_model(task: TrainTask, cfg: TrainConfig, dist: DistInfo):
