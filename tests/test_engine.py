@@ -132,17 +132,82 @@ def test_killed_anywhere_resumes_bit_identical(reference, tmp_path, world, fault
     _killed_and_resumed(reference[world], tmp_path, world, fault)
 
 
+def _rank_files(tag_dir: Path, world: int) -> list[dict]:
+    return [torch.load(tag_dir / f"rank{r:05d}.pt", weights_only=True)["ema"] for r in range(world)]
+
+
 def test_killed_zero3_run_resumes_bit_identical_with_sharded_emas(tmp_path):
     ref = tmp_path / "ref"
     ok(run(ref, 2, zero_stage=3))
-    # Each rank keeps its own shard of every EMA, in its own model-states file.
-    shards = [torch.load(ref / "checkpoints" / "step00000010" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
-                         weights_only=False)["ema"] for r in (0, 1)]
-    assert all(s["sharded"] for s in shards)
+    # Each rank keeps its own shard of every EMA (its ZeRO-3 partition, padded), in its own file.
+    shards = _rank_files(ref / "checkpoints" / "step00000010", 2)
+    assert all(s["sharded"] and s["world_size"] == 2 for s in shards)
     full = load_file(ref / "export" / "ema.safetensors")
     for name, shard in shards[0]["shadows"][0].items():
         assert shard.numel() == -(-full[name].numel() // 2)  # half of the parameter, rounded up
     _killed_and_resumed(ref, tmp_path / "run", 2, "checkpoint@6", zero_stage=3)
+
+
+def test_zero2_emas_are_fragments_of_the_masters_and_old_whole_emas_still_resume(reference, tmp_path):
+    """Under ZeRO-2 each rank averages only its fragment of the flat fp32 partition; the fragments cover each
+    parameter exactly once. A checkpoint from before (one whole EMA in rank 0's client state, no rank files)
+    resumes bit-identically: each rank cuts its fragments from the whole."""
+    from pixelgen.engine.ema import whole_state
+
+    ref = reference[2]  # BASE: ZeRO-2, two ranks
+    tag = ref / "checkpoints" / "step00000010"
+    shards = _rank_files(tag, 2)
+    whole = whole_state(shards)
+    export = {1: load_file(ref / "export" / "ema-0.5.safetensors"), 0: load_file(ref / "export" / "ema.safetensors")}
+    for name, (_, _, shape) in shards[0]["layout"].items():
+        sizes = [s["layout"][name][1] for s in shards]
+        assert sum(sizes) == math.prod(shape), name  # disjoint fragments that cover the parameter
+        for i in (0, 1):
+            assert torch.equal(whole["shadows"][i][name], export[i][name]), name
+    assert any(0 < s["layout"][n][1] < math.prod(s["layout"][n][2]) for s in shards for n in s["layout"])
+
+    first = run(tmp_path, 2, fault="step@5")
+    assert any(code == -signal.SIGKILL for code, _ in first)
+    old = tmp_path / "checkpoints" / "step00000003"
+    states = old / "mp_rank_00_model_states.pt"
+    client = torch.load(states, weights_only=False)
+    client["ema"] = whole_state(_rank_files(old, 2))  # the layout an older pixelgen wrote
+    torch.save(client, states)
+    for r in (0, 1):
+        (old / f"rank{r:05d}.pt").unlink()
+    (tmp_path / "wandb_id.txt").unlink()
+    second = ok(run(tmp_path, 2))
+    assert "from checkpoint step 3" in second[0][1]
+    assert_same_weights(exported(tmp_path), exported(ref))
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_bf16_emas_average_the_fp32_masters_not_the_bf16_weights(tmp_path, zero):
+    """Two ranks in bf16: after every step the EMA of decay 0 equals DeepSpeed's fp32 masters exactly (read
+    through DeepSpeed's own API, tests/masters_worker.py), which the bf16 module weights do not; the EMA of
+    decay 0.9 follows the masters' trajectory and would not follow the bf16 weights'."""
+    (code0, out0), (code1, out1) = Job(tmp_path, {"zero_stage": zero, "precision": "bf16",
+                                                  "ema_decays": [0.0, 0.9]}, 2, worker="tests.masters_worker").wait()
+    assert code0 == 0 and code1 == 0, (out0 + out1)[-4000:]
+    record = torch.load(tmp_path / "trajectory.pt", weights_only=True)
+    masters, module, (ema0, ema9) = record["masters"], record["module"], record["emas"]
+    assert len(masters) == 5
+    for step, (m, w, e) in enumerate(zip(masters, module, ema0)):
+        assert all(w[k].dtype == torch.bfloat16 for k in w)
+        assert all(e[k].dtype == torch.float32 and torch.equal(e[k], m[k]) for k in m), step
+        if step:  # the first step moved the masters off bf16's grid
+            assert any(not torch.equal(m[k], w[k].float()) for k in m), step
+
+    def ema_of(trajectory):
+        avg = {k: v.double() for k, v in trajectory[0].items()}
+        for values in trajectory[1:]:
+            avg = {k: avg[k] + 0.1 * (values[k].double() - avg[k]) for k in avg}
+        return avg
+
+    from_masters, from_module = ema_of(masters), ema_of([{k: v.float() for k, v in w.items()} for w in module])
+    for k in from_masters:
+        torch.testing.assert_close(ema9[-1][k].double(), from_masters[k], rtol=0, atol=1e-6, msg=k)
+    assert max((from_module[k] - from_masters[k]).abs().max().item() for k in from_masters) > 1e-5
 
 
 def _killed_and_resumed(ref: Path, tmp_path: Path, world: int, fault: str, **overrides):
@@ -383,6 +448,8 @@ def test_sigusr2_on_one_rank_saves_on_all_and_exits_for_requeue(tmp_path):
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, poison):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from pixelgen.engine.ema import whole_state
+
     # Global micro-batch 4 is the first half of step 3 (grad_accum 2): one bad micro-batch spoils the step.
     ok(run(tmp_path, 2, steps=5, ckpt_every=1, keep_ckpts=10, **{poison: [4]}))
     log = metrics(tmp_path)
@@ -391,10 +458,9 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, poison):
         assert math.isnan(log[2]["loss"]) and all(math.isfinite(m["loss"]) for i, m in enumerate(log) if i != 2)
 
     def state(step):
-        ckpts = str(tmp_path / "checkpoints")
-        client = torch.load(tmp_path / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt",
-                            weights_only=False)
-        return get_fp32_state_dict_from_zero_checkpoint(ckpts, tag=f"step{step:08d}"), client["ema"]["shadows"]
+        ckpts, tag = tmp_path / "checkpoints", f"step{step:08d}"
+        emas = whole_state(_rank_files(ckpts / tag, 2))["shadows"]  # ZeRO-2: each rank's fragments
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag=tag), emas
 
     (w2, ema2), (w3, ema3), (w4, ema4) = state(2), state(3), state(4)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped step changed no weight

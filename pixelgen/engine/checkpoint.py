@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints that count only when complete.
 
-DeepSpeed writes `<dir>/<tag>/...` from every rank; a tag becomes complete when rank 0 writes
-`<tag>/COMPLETE.json` after a barrier that every rank reaches once its part is on disk. Resume takes the
+DeepSpeed writes `<dir>/<tag>/...` from every rank, and each rank may add its own state (its EMA shards) as
+`<tag>/rank00000.pt`, ...; a tag becomes complete when rank 0 writes `<tag>/COMPLETE.json` after a barrier that
+every rank reaches once its part is on disk. Resume takes the
 newest complete tag and ignores anything half-written. Old tags are removed only after a newer one is
 complete.
 """
@@ -13,9 +14,11 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from pixelgen.engine import faults
 from pixelgen.engine.dist import barrier
-from pixelgen.io import atomic_write_text
+from pixelgen.io import atomic_write_file, atomic_write_text
 
 MARKER = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -25,9 +28,14 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int, is_main: bool, world_size: int = 1):
+    def __init__(self, directory: str | Path, keep: int, is_main: bool, world_size: int = 1, rank: int = 0):
         self.dir = Path(directory)
+        self.rank = rank
         self.keep = keep
         self.is_main = is_main
         self.world_size = world_size
@@ -46,10 +54,13 @@ class CheckpointManager:
         complete = [(s, t) for s, t, ok in self._tags() if ok]
         return complete[-1] if complete else None
 
-    def save(self, engine, step: int, client_state: dict) -> None:
+    def save(self, engine, step: int, client_state: dict, rank_state: dict | None = None) -> None:
+        """`client_state`: what rank 0 keeps for all (DeepSpeed writes it); `rank_state`: this rank's own."""
         tag = tag_for(step)
         # No `latest` file: resume takes the newest tag with a marker, never what DeepSpeed last started writing.
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        if rank_state is not None:
+            atomic_write_file(self.dir / tag / rank_file(self.rank), lambda f: torch.save(rank_state, f))
         faults.point("checkpoint", step)
         barrier()  # every rank's shard is on disk before the tag is declared complete
         if self.is_main:
@@ -58,7 +69,8 @@ class CheckpointManager:
             self._prune()
         barrier()
 
-    def load(self, engine) -> tuple[int, dict] | None:
+    def load(self, engine) -> tuple[int, dict, dict] | None:
+        """The newest complete tag loaded into the engine: (step, client state, this rank's own state or {})."""
         latest = self.latest_complete()
         if latest is None:
             return None
@@ -75,7 +87,9 @@ class CheckpointManager:
         path, client_state = engine.load_checkpoint(str(self.dir), tag=tag)
         if path is None:
             raise RuntimeError(f"checkpoint {self.dir / tag} is marked complete but DeepSpeed could not load it")
-        return step, client_state
+        own = self.dir / tag / rank_file(self.rank)
+        rank_state = torch.load(own, map_location="cpu", weights_only=True) if own.is_file() else {}
+        return step, client_state, rank_state
 
     def _prune(self) -> None:
         tags = self._tags()

@@ -1,7 +1,8 @@
 """Consolidated fp32 weights as safetensors that load without DeepSpeed: the trained weights and each EMA.
 
 The trained weights are DeepSpeed's fp32 master copies (under bf16 the module's own parameters are rounded
-to bf16), so under ZeRO-3 the export equals what DeepSpeed's `zero_to_fp32` reconstructs from a checkpoint.
+to bf16), assembled from the same pieces the EMAs average (engine/masters.py), so under ZeRO the export equals
+what DeepSpeed's `zero_to_fp32` reconstructs from a checkpoint.
 Frozen parameters have no master copy: their fp32 values are kept from before DeepSpeed cast the module.
 """
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pixelgen.engine import faults
 from pixelgen.engine.dist import barrier
+from pixelgen.engine.masters import Piece
 from pixelgen.io import atomic_write
 
 MODEL_FILE = "model.safetensors"  # the training weights
@@ -26,35 +28,20 @@ def ema_filename(index: int, decay: float) -> str:
     return PRIMARY_EMA if index == 0 else f"ema-{decay:g}.safetensors"
 
 
-def _fp32_master(engine, param: torch.nn.Parameter) -> torch.Tensor:
-    """The fp32 master copy of a trainable parameter. Collective under ZeRO: every rank calls it in order."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    master = safe_get_full_fp32_param(param)  # ZeRO 1-3 and DeepSpeed's bf16 optimizer
-    if master is None:
-        # ZeRO 0 with bf16 keeps its fp32 copies in groups parallel to the module's parameters.
-        opt = engine.optimizer
-        for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
-            for p, q in zip(low, high):
-                if p is param:
-                    return q.detach()
-        master = param.detach()  # fp32 training without ZeRO: the parameter is the master
-    return master
-
-
-def consolidated_state(engine, frozen_fp32: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of the engine's module. Collective under ZeRO: every rank calls it; ranks with
+def consolidated_state(module: torch.nn.Module, pieces: dict[str, Piece], frozen_fp32: dict[str, torch.Tensor],
+                       keep: bool = True) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of the module: each trainable parameter assembled from every rank's piece of its
+    master, the frozen ones as kept. Collective when the masters are sharded: every rank calls it; ranks with
     keep=False take part and get only the buffers."""
-    module = engine.module
     keys = set(module.state_dict().keys())
     state = {}
-    for name, p in module.named_parameters():
+    for name, _ in module.named_parameters():
         if name in frozen_fp32:
             state[name] = frozen_fp32[name]
             continue
-        master = _fp32_master(engine, p)
+        master = pieces[name].full(keep=keep)
         if keep:
-            state[name] = master.float().cpu().clone().reshape(getattr(p, "ds_shape", p.shape))
+            state[name] = master
     for name, b in module.named_buffers():
         if name in keys:  # persistent buffers only, as in state_dict
             state[name] = b.detach().float().cpu().clone()
@@ -63,8 +50,9 @@ def consolidated_state(engine, frozen_fp32: dict[str, torch.Tensor], keep: bool 
 
 def export_weights(engine, ema, frozen_fp32: dict[str, torch.Tensor], out_dir: Path, is_main: bool,
                    meta: dict) -> Path:
-    state = consolidated_state(engine, frozen_fp32, keep=is_main)
-    emas = [ema.full(i, keep=is_main) for i in range(len(ema.decays))]  # collective under ZeRO-3
+    # The masters' pieces the EMA averages are the ones exported: the two cannot disagree on the weights.
+    state = consolidated_state(engine.module, ema.pieces, frozen_fp32, keep=is_main)
+    emas = [ema.full(i, keep=is_main) for i in range(len(ema.decays))]  # collective when sharded
     if is_main:
         metadata = {"pixelgen": json.dumps(meta, default=str)}
         files = {MODEL_FILE: state}

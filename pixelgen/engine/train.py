@@ -23,7 +23,7 @@ from torch import nn
 
 from pixelgen.data.loader import to_float
 from pixelgen.engine import faults, flops
-from pixelgen.engine.checkpoint import CheckpointManager, tag_for
+from pixelgen.engine.checkpoint import CheckpointManager, rank_file, tag_for
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.engine.dist import DistInfo, init_distributed
 from pixelgen.engine.ema import EMA
@@ -261,13 +261,19 @@ def _resume(ckpts: CheckpointManager, engine, ema: EMA, micro: int, dist: DistIn
     resumed = ckpts.load(engine)
     if resumed is None:
         return 0, {}
-    step, client = resumed
+    step, client, own = resumed
     source = f"checkpoint {ckpts.dir / tag_for(step)}"
     if client["data"]["micro_batch"] != micro:
         raise RuntimeError(f"{source} was trained with micro-batches of {client['data']['micro_batch']} "
                            f"images per rank, this run has {micro} (batch_size / (grad_accum x ranks)): set "
                            f"batch_size and grad_accum back to resume, or move the checkpoints aside")
-    ema.load_state_dict(client["ema"], source)
+    # Sharded EMAs are in each rank's own file; whole ones (and ZeRO-3 shards of older checkpoints) in the
+    # client state.
+    ema_state = own.get("ema", client.get("ema"))
+    if ema_state is None:
+        raise RuntimeError(f"{source} holds no EMA state for rank {dist.rank} ({rank_file(dist.rank)} is "
+                           f"missing): move the checkpoint aside to resume from the one before it")
+    ema.load_state_dict(ema_state, source)
     _set_rng_state(client["rng"][dist.rank])
     if dist.is_main:
         console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}")
@@ -281,8 +287,8 @@ def _setup(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: Logging
     bf16 = use_bf16(cfg.precision, dist.device)
     model, named_trainable, frozen_fp32 = _make_model(task, cfg, dist)
     engine, optimizer = _make_engine(model, named_trainable, task, cfg, dist, bf16)
-    ema = EMA(named_trainable, cfg.ema_decays)
-    ckpts = CheckpointManager(out_dir / "checkpoints", cfg.keep_ckpts, dist.is_main, dist.world_size)
+    ema = EMA(named_trainable, cfg.ema_decays, engine)  # of the optimizer's fp32 masters
+    ckpts = CheckpointManager(out_dir / "checkpoints", cfg.keep_ckpts, dist.is_main, dist.world_size, dist.rank)
     micro = _micro_batch(cfg, dist.world_size)
     step, client = _resume(ckpts, engine, ema, micro, dist, out_dir)
     log = MetricsLogger(out_dir, logging, enabled=dist.is_main, run_name=run_name, group=group,
@@ -386,11 +392,14 @@ def _save(run: _Run, step: int) -> None:
     rng = [None] * run.dist.world_size
     torch.distributed.all_gather_object(rng, _rng_state())
     skipped = int(run.nonfinite.total.item())
+    ema = run.ema.state_dict()
     run.ckpts.save(run.engine, step, {
-        "step": step, "ema": run.ema.state_dict(), "rng": rng, "wandb_id": run.log.run_id,
+        "step": step, "rng": rng, "wandb_id": run.log.run_id,
         "data": {"start_batch": step * run.cfg.grad_accum, "micro_batch": run.micro,
                  "world_size": run.dist.world_size},
-        "skipped_steps": skipped, "flops_per_image": run.meter.flops_per_image})
+        "skipped_steps": skipped, "flops_per_image": run.meter.flops_per_image,
+        **({} if run.ema.sharded else {"ema": ema})},
+        rank_state={"ema": ema} if run.ema.sharded else None)  # each rank's own shards in its own file
 
 
 def _finish(run: _Run, preempted: bool, export_meta: dict) -> Path | None:

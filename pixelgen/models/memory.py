@@ -4,7 +4,8 @@ Model states follow the ZeRO paper's accounting (Rajbhandari et al. 2020, sec. 3
 bf16 mixed precision = 2 B weights + 2 B gradients + 12 B optimizer states (fp32 master weights, Adam m and v);
 fp32 = 4 + 4 + 8. Stage 1 splits the optimizer states over the data-parallel ranks, stage 2 also the gradients,
 stage 3 also the weights. Frozen parameters cost their weights only. The trainer's EMA (pixelgen.engine.ema) is
-an fp32 copy of the trainable parameters on every rank and is counted apart. Not counted: DeepSpeed's
+an fp32 copy of the trainable parameters, partitioned like the fp32 masters it averages (from stage 1), and is
+counted apart, once (each further entry of `ema_decays` costs as much again). Not counted: DeepSpeed's
 communication buckets, the CUDA context and allocator fragmentation, the REPA / DINO teachers, the data.
 
 Activations are not written as per-layer formulas (they would go stale with every new block kind): one training
@@ -147,7 +148,9 @@ def estimate_memory(model_cfg: ModelConfig, resolution: int, *, batch_size: int 
         param_bytes=weights,
         grad_bytes=grads,
         optimizer_bytes=optim,
-        ema_bytes=_EMA_BYTES * plain.params_trainable,
+        # The EMA shards follow the fp32 masters, which ZeRO partitions from stage 1 on.
+        ema_bytes=_EMA_BYTES * (math.ceil(plain.params_trainable / world_size) if zero_stage >= 1
+                                else plain.params_trainable),
         activations_per_sample=plain.saved_bytes // batch_size,
         activations_per_sample_checkpointed=_checkpointed_bytes(plain, every, _PARTS) // batch_size,
         activations_per_sample_configured=as_configured // batch_size,
