@@ -381,3 +381,77 @@ def test_state_dict_holds_no_position_tables():
     model(*inputs())
     assert {name: tuple(v.shape) for name, v in model.state_dict().items()} == before
     assert set(before) == {name for name, _ in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------- SDPA kernels on CUDA
+def test_the_cuda_kernel_decision_follows_torchs_rules():
+    from pixelgen.models.layers import sdpa_cuda_kernel, sdpa_head_dim
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert sdpa_cuda_kernel(64, bf16) == "flash" and sdpa_cuda_kernel(256, bf16) == "flash"
+    assert sdpa_cuda_kernel(64, bf16, masked=True) == "efficient"  # flash takes no explicit mask
+    assert sdpa_cuda_kernel(320, bf16) == "efficient"  # wider than flash's 256
+    assert sdpa_cuda_kernel(64, fp32) == "efficient"  # flash is fp16/bf16 only
+    assert sdpa_cuda_kernel(4, fp32) == "efficient"  # fp32 needs a multiple of 4
+    assert [sdpa_cuda_kernel(d, bf16) for d in (4, 12, 6)] == ["math"] * 3
+    assert sdpa_cuda_kernel(6, fp32) == "math"
+    assert [sdpa_head_dim(d) for d in (4, 6, 8, 12, 64)] == [8, 8, 8, 16, 64]
+    assert all(sdpa_cuda_kernel(sdpa_head_dim(d), bf16) == "flash" for d in range(1, 257))
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "masked"])
+def test_zero_padded_heads_give_the_same_attention_and_gradients(kind):
+    from pixelgen.models.layers import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.rand(9, 9) > 0.3 if kind == "masked" else None
+    mask = mask | torch.eye(9, dtype=torch.bool) if mask is not None else None
+    outs, grads = [], []
+    for pad_to in (None, 8, 16):
+        out = sdpa(q, k, v, attn_mask=mask, is_causal=kind == "causal", pad_to=pad_to)
+        assert out.shape == q.shape
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.arange(4.0, dtype=out.dtype)).sum(), (q, k, v)))
+    for out, grad in zip(outs[1:], grads[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(grad, grads[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # The scale is the unpadded head's: SDPA's default for the padded width would change the result.
+    wrong = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.nn.functional.pad(t, (0, 4)) for t in (q, k, v)), attn_mask=mask, is_causal=kind == "causal")
+    assert not torch.allclose(wrong[..., :4], outs[0])
+
+
+def test_causal_attention_without_a_cache_uses_sdpas_own_mask_and_matches_the_explicit_one(monkeypatch):
+    from pixelgen.models import layers
+
+    torch.manual_seed(0)
+    attn = layers.Attention(32, 4).double()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    rope = tuple(t.double() for t in rope_2d(8, 1, 7))
+    seen = []
+    real = layers.sdpa
+    monkeypatch.setattr(layers, "sdpa", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    out = attn(x, rope, causal=True)
+    assert seen[-1]["is_causal"] and seen[-1]["attn_mask"] is None
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    q, k, v = attn.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k = layers.apply_rope(attn.q_norm(q), *rope), layers.apply_rope(attn.k_norm(k), *rope)
+    expected = attn.proj(real(q, k, v, attn_mask=mask).transpose(1, 2).reshape(2, 7, -1))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # Token by token through the cache: the first step is square (is_causal), later ones see all that is cached.
+    cache, steps = {}, []
+    for i in range(7):
+        steps.append(attn(x[:, i:i + 1], tuple(t[i:i + 1] for t in rope), causal=True, cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), out, rtol=1e-10, atol=1e-10)
+
+
+def test_the_attention_report_names_heads_the_fused_kernels_do_not_take():
+    from pixelgen.models.layers import attention_report
+
+    narrow = tiny_model(kind="pit", attention="pixel", attn_dim=16)  # pixel attention: 4 heads of 4
+    lines = attention_report(narrow)
+    assert len(lines) == 1 and "4 heads of width 4" in lines[0] and "math kernel" in lines[0]
+    assert "padded to 8 for flash attention (2.0x" in lines[0] and "decoder" in lines[0]
+    assert attention_report(tiny_model(kind="pit", attention="pixel", attn_dim=32)) == []

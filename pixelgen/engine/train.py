@@ -30,6 +30,7 @@ from pixelgen.engine.ema import EMA
 from pixelgen.engine.export import export_weights
 from pixelgen.engine.logger import MetricsLogger, console
 from pixelgen.engine.optim import SkippingAdamW, param_groups
+from pixelgen.models.layers import attention_report
 from pixelgen.precision import autocast, use_bf16
 from pixelgen.viz import plot_metrics, save_grid
 
@@ -231,6 +232,9 @@ def _make_model(task: TrainTask, cfg: TrainConfig, dist: DistInfo):
     """The model on the device, its trainable (name, parameter) pairs and the fp32 values of its frozen ones."""
     _seed_all(cfg.seed)  # the same initial weights on every rank
     model = task.make_model().to(dist.device)
+    if dist.is_main:
+        for line in attention_report(model):
+            console.print(f"[dim]{line}[/dim]")
     _seed_all(cfg.seed * 1000 + dist.rank)  # then a different noise stream per rank
     # A parameter trains when the stage wants it and the model has not frozen it itself (LoRA's base weights).
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and task.trainable(n)]

@@ -146,6 +146,61 @@ def sincos_2d(dim: int, h: int, w: int, *, device=None):
     return torch.cat([rows_HWD, cols_HWD], dim=-1)
 
 
+# Which kernel F.scaled_dot_product_attention runs on a CUDA GPU (sm80+), by the rules of torch 2.x's
+# aten/src/ATen/native/transformers/cuda/sdp_utils.cpp: flash takes fp16/bf16 heads of a multiple of 8 up to 256
+# and no explicit mask (is_causal is fine); memory-efficient attention takes masks and any dtype, with heads a
+# multiple of 8 in fp16/bf16 (4 in fp32); anything else falls back to the math kernel, which materialises and
+# keeps for backward the B x H x L x L attention matrix. cuDNN attention (sm90) takes a subset of flash's shapes.
+CUDA_HEAD_ALIGN = 8
+
+
+def sdpa_cuda_kernel(head_dim: int, dtype: torch.dtype, masked: bool = False) -> str:
+    """'flash', 'efficient' or 'math': the kernel SDPA picks on a CUDA GPU for heads of `head_dim` in `dtype`."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and head_dim % 8 == 0 and head_dim <= 256 and not masked:
+        return "flash"
+    if head_dim % (8 if half else 4) == 0:
+        return "efficient"
+    return "math"
+
+
+def sdpa_head_dim(head_dim: int) -> int:
+    """The head width attention runs at on CUDA: padded with zeros up to a multiple of 8, which every fused kernel
+    takes in every dtype. Zero channels add nothing to q.k and give zero output channels, which are cut off."""
+    return -(-head_dim // CUDA_HEAD_ALIGN) * CUDA_HEAD_ALIGN
+
+
+def sdpa(q, k, v, *, attn_mask=None, is_causal: bool = False, pad_to: int | None = None):
+    """F.scaled_dot_product_attention over [B, H, L, d] heads, run at head width `pad_to` (zero-padded, with the
+    unpadded 1/sqrt(d) scale) when that is wider than d."""
+    d = q.shape[-1]
+    if pad_to is None or pad_to <= d:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    q, k, v = (F.pad(t, (0, pad_to - d)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=d**-0.5)
+    return out[..., :d]
+
+
+def attention_report(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """One line per attention shape of `model` that the CUDA kernels do not take as it is: what SDPA would fall
+    back to, and the padding pixelgen applies instead (on CUDA only; the CPU kernel takes any head width)."""
+    shapes: dict[tuple[int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            shapes.setdefault((module.heads, module.head_dim), []).append(name)
+    lines = []
+    for (heads, d), names in sorted(shapes.items()):
+        if sdpa_cuda_kernel(d, dtype) == "flash":
+            continue
+        padded = sdpa_head_dim(d)
+        where = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+        lines.append(f"attention {where}: {heads} heads of width {d} would take SDPA's "
+                     f"{sdpa_cuda_kernel(d, dtype)} kernel on CUDA in {str(dtype).removeprefix('torch.')}, "
+                     f"which keeps the L x L attention matrix for backward; padded to {padded} for "
+                     f"{sdpa_cuda_kernel(padded, dtype)} attention ({padded / d:.1f}x its q.k and p.v FLOPs)")
+    return lines
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with per-head RMS qk-norm and 2D RoPE.
 
@@ -180,11 +235,15 @@ class Attention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        mask = None
+        mask, is_causal = None, False
         if causal and q.shape[2] > 1:  # a single new token may see everything cached
-            Lq, Lk = q.shape[2], k.shape[2]
-            mask = torch.arange(Lk, device=q.device)[None] <= past + torch.arange(Lq, device=q.device)[:, None]
-        o_BHLd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if past == 0:
+                is_causal = True  # square: SDPA's own causal mask, which flash attention takes (a mask it does not)
+            else:
+                Lq, Lk = q.shape[2], k.shape[2]
+                mask = torch.arange(Lk, device=q.device)[None] <= past + torch.arange(Lq, device=q.device)[:, None]
+        pad_to = sdpa_head_dim(self.head_dim) if q.is_cuda else None  # see attention_report
+        o_BHLd = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, pad_to=pad_to)
         return self.proj(o_BHLd.transpose(1, 2).reshape(B, L, -1))
 
 

@@ -213,8 +213,8 @@ def _trace(model_cfg: ModelConfig, checkpointing: dict[str, bool], resolution: i
     Fake tensors on the CPU device, not the meta device: on meta, F.scaled_dot_product_attention takes the math
     path and saves the L x L attention matrix, while the real CPU and GPU (flash / memory-efficient) kernels save
     only q, k, v, the output and the logsumexp; a fake CPU tensor dispatches like a real one. (The CPU kernel
-    takes any head size; on the GPU a head dim that flash and memory-efficient attention do not support, e.g.
-    not a multiple of 8, may fall back to the math kernel and save the attention matrix after all.)
+    takes any head size; on the GPU, layers.Attention pads a head width that the fused kernels do not take, e.g.
+    not a multiple of 8, so the math kernel and its attention matrix never come up there either.)
 
     bf16: DeepSpeed's bf16 mode casts the module to bf16 and runs it without autocast, so the model's weights and
     the inputs are bf16 here too (CUDA autocast cannot run on CPU fake tensors anyway). Ops that compute in
