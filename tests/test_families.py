@@ -278,3 +278,23 @@ def test_bf16_sampling_stays_close_to_fp32(sampler):
     assert images["bf16"].dtype == torch.float32
     diff = (images["bf16"] - images["fp32"]).abs()
     assert 0 < diff.mean() < 0.005 and diff.max() < 0.1, (diff.mean(), diff.max())
+
+
+def test_bf16_on_a_gpu_also_turns_tf32_on_for_fp32_matmuls_and_restores_it():
+    """Inside the sampling/training precision block on CUDA, fp32 matmuls may use TF32; outside (the Inception
+    features of FID) and with precision fp32 (for checks) they stay strict fp32. CUDA's autocast itself is
+    disabled without a GPU (with a warning); the TF32 switch is a host setting and is what this checks."""
+    import warnings
+
+    from pixelgen.precision import autocast
+
+    before = torch.get_float32_matmul_precision()
+    assert before == "highest"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available. Disabling" on this machine
+        with autocast("bf16", "cuda"):
+            assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    for precision, device in (("fp32", "cuda"), ("auto", "cpu"), ("bf16", "cpu")):
+        with autocast(precision, device):
+            assert torch.get_float32_matmul_precision() == "highest", (precision, device)
