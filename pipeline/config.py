@@ -16,8 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pixelgen import families
-from pixelgen.data import shards as data_shards
-from pixelgen.data.config import DataConfig, ShardConfig
+from pixelgen.data.config import DataConfig, ShardConfig, check_shard
 from pixelgen.engine.config import (DecoderTrainConfig, LoggingConfig, TrainConfig, batch_split_error,
                                     check_decoder_train, check_train)
 from pixelgen.eval.config import FIDConfig, check_fid
@@ -150,7 +149,7 @@ def validate(cfg, source: str = "config") -> None:
         fail("model.num_classes", cfg.model.num_classes, f"must equal data.num_classes={cfg.data.num_classes}")
     try:
         families.check_model_config(OmegaConf.to_object(cfg.model), res)
-        data_shards.validate_config(cfg.shard, res)
+        check_shard(cfg.shard, res)
     except ValueError as err:
         fail_from(err)
     check_objective(cfg.objective, fail)

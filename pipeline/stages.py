@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, sweep_points, to_container
 from pixelgen import families
 from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
-from pixelgen.data.loader import to_float
+from pixelgen.data import to_float
 from pixelgen.engine.dist import init_distributed
 from pixelgen.engine.export import MODEL_FILE, PRIMARY_EMA, load_weights
 from pixelgen.engine.train import TrainTask, run_training

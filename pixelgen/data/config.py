@@ -35,3 +35,21 @@ class ShardConfig:
     # Labels for a flat val folder when they are not found next to it (LOC_val_solution.csv, or the devkit's
     # ILSVRC2012_validation_ground_truth.txt with meta.mat beside it).
     val_labels: Optional[str] = None
+
+
+FORMATS = ("png", "webp", "jpg", "original")
+
+
+def check_shard(cfg: ShardConfig, resolution: int) -> None:
+    """Raise ValueError naming the first bad `shard.*` key (or data.resolution) and what it takes."""
+    if cfg.image_format not in FORMATS:
+        raise ValueError(f"shard.image_format={cfg.image_format!r}; use one of {FORMATS}")
+    if not cfg.splits:
+        raise ValueError("shard.splits is empty; list at least one split, e.g. ['train', 'val']")
+    for name, value in (("shard.max_count", cfg.max_count), ("shard.max_bytes", cfg.max_bytes),
+                        ("shard.workers", cfg.workers), ("shard.array_tasks", cfg.array_tasks),
+                        ("data.resolution", resolution)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if cfg.image_format == "jpg" and not 1 <= cfg.jpeg_quality <= 100:
+        raise ValueError(f"shard.jpeg_quality={cfg.jpeg_quality} must be in [1, 100]")

@@ -24,6 +24,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pixelgen.data import to_float  # noqa: F401  re-exported: the loader's batches meet it first
 from pixelgen.data.shards import BAD_FILE_ERRORS, MANIFEST, center_crop, read_manifest, shard_paths
 
 # Looked up in this order, so a sample's image member is found whatever format its shard was written in.
@@ -362,8 +363,3 @@ def eval_batches(
         wds.map(functools.partial(_eval_sample, target=target)),
         wds.batched(batch_size, collation_fn=_collate, partial=True),
     )
-
-
-def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> contiguous float32 [-1, 1]; call it after moving the batch to the device."""
-    return images_uint8.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)

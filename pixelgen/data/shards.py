@@ -31,7 +31,7 @@ from multiprocessing import Pool
 import webdataset as wds
 from PIL import Image
 
-from pixelgen.data.config import ShardConfig
+from pixelgen.data.config import ShardConfig, check_shard
 from pixelgen.data.sources import Source, scan_source
 from pixelgen.io import atomic_write, atomic_write_json, sha256_file
 from pixelgen.progress import report
@@ -40,7 +40,6 @@ MANIFEST = "manifest.json"
 BAD_FILES = "bad_files.csv"
 LOCK = ".shard.lock"
 FORMAT_VERSION = 2
-FORMATS = ("png", "webp", "jpg", "original")
 PROBE_IMAGES = 64  # images encoded up front to size shards by bytes
 TAR_OVERHEAD = 1536  # per sample: two 512-byte member headers and half a block of padding on average
 # What a damaged or non-image file raises while being decoded.
@@ -170,20 +169,6 @@ def _settings(src_dir: str, cfg: ShardConfig, resolution: int) -> dict:
     }
 
 
-def validate_config(cfg: ShardConfig, resolution: int) -> None:
-    if cfg.image_format not in FORMATS:
-        raise ValueError(f"shard.image_format={cfg.image_format!r}; use one of {FORMATS}")
-    if not cfg.splits:
-        raise ValueError("shard.splits is empty; list at least one split, e.g. ['train', 'val']")
-    for name, value in (("shard.max_count", cfg.max_count), ("shard.max_bytes", cfg.max_bytes),
-                        ("shard.workers", cfg.workers), ("shard.array_tasks", cfg.array_tasks),
-                        ("data.resolution", resolution)):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-    if cfg.image_format == "jpg" and not 1 <= cfg.jpeg_quality <= 100:
-        raise ValueError(f"shard.jpeg_quality={cfg.jpeg_quality} must be in [1, 100]")
-
-
 def _check_settings(found: dict, settings: dict, path: str) -> None:
     """Raise unless `found` (a manifest or progress settings) was made with `settings`."""
     # list() gives the split names both from a manifest's {split: shards} and from a settings list.
@@ -297,7 +282,7 @@ def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, 
     A no-op when `out_dir` already holds a manifest with the same settings and all its shards.
     Unreadable images are skipped and listed in `bad_files.csv` and the manifest.
     """
-    validate_config(cfg, resolution)
+    check_shard(cfg, resolution)
     if not src_dir:
         raise ValueError("no source folder to shard: set data.imagenet_dir to an ImageNet folder")
     src_dir = os.path.abspath(src_dir)

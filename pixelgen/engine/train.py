@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pixelgen.data.loader import to_float
+from pixelgen.data import to_float
 from pixelgen.engine import faults, flops
 from pixelgen.engine.checkpoint import CheckpointManager, rank_file, tag_for
 from pixelgen.engine.config import LoggingConfig, TrainConfig
