@@ -50,7 +50,8 @@ def test_zero_stages_partition_exactly_their_parts(tiny_estimate):
     n, quarter = est.params_total, math.ceil(est.params_total / 4)
     assert (est.param_bytes, est.grad_bytes, est.optimizer_bytes) == (2 * n, 2 * quarter, 12 * quarter)
     assert est.ema_bytes == 4 * quarter  # the trainer's fp32 EMA is sharded like the fp32 masters it averages
-    assert estimate_memory(TINY, 32, world_size=4, zero_stage=0).ema_bytes == 4 * n  # whole on every rank
+    two = estimate_memory(TINY, 32, world_size=4, zero_stage=0, emas=2)  # ema_decays of two entries
+    assert two.ema_bytes == 2 * 4 * n  # whole on every rank without ZeRO, one copy per decay
     assert est.model_state_bytes + est.activation_bytes == est.total_bytes
 
 

@@ -4,8 +4,8 @@ Model states follow the ZeRO paper's accounting (Rajbhandari et al. 2020, sec. 3
 bf16 mixed precision = 2 B weights + 2 B gradients + 12 B optimizer states (fp32 master weights, Adam m and v);
 fp32 = 4 + 4 + 8. Stage 1 splits the optimizer states over the data-parallel ranks, stage 2 also the gradients,
 stage 3 also the weights. Frozen parameters cost their weights only. The trainer's EMA (pixelgen.engine.ema) is
-an fp32 copy of the trainable parameters, partitioned like the fp32 masters it averages (from stage 1), and is
-counted apart, once (each further entry of `ema_decays` costs as much again). Not counted: DeepSpeed's
+an fp32 copy of the trainable parameters per entry of `ema_decays`, partitioned like the fp32 masters it
+averages (from stage 1), and is counted apart. Not counted: DeepSpeed's
 communication buckets, the CUDA context and allocator fragmentation, the REPA / DINO teachers, the data.
 
 Activations are not written as per-layer formulas (they would go stale with every new block kind): one training
@@ -116,9 +116,10 @@ def model_state_bytes(params_total: int, params_trainable: int, *, world_size: i
 
 def estimate_memory(model_cfg: ModelConfig, resolution: int, *, batch_size: int = 1, world_size: int = 1,
                     zero_stage: int = 2, precision: str = "bf16",
-                    trainable: Optional[Callable[[str], bool]] = None) -> MemoryEstimate:
+                    trainable: Optional[Callable[[str], bool]] = None, emas: int = 1) -> MemoryEstimate:
     """Per-GPU training memory of `model_cfg` at `resolution` px with `batch_size` images per GPU.
 
+    `emas`: how many EMAs the trainer keeps (one per entry of `ema_decays`).
     `trainable(name)` says which parameters train (default: all), as in the trainer's TrainTask; frozen ones get
     no gradients or optimizer states and record no activations for backward unless something before them trains.
     Builds nothing real: the model and the traced step live on fake tensors, so an XL at batch 32 is cheap
@@ -149,8 +150,8 @@ def estimate_memory(model_cfg: ModelConfig, resolution: int, *, batch_size: int 
         grad_bytes=grads,
         optimizer_bytes=optim,
         # The EMA shards follow the fp32 masters, which ZeRO partitions from stage 1 on.
-        ema_bytes=_EMA_BYTES * (math.ceil(plain.params_trainable / world_size) if zero_stage >= 1
-                                else plain.params_trainable),
+        ema_bytes=emas * _EMA_BYTES * (math.ceil(plain.params_trainable / world_size) if zero_stage >= 1
+                                       else plain.params_trainable),
         activations_per_sample=plain.saved_bytes // batch_size,
         activations_per_sample_checkpointed=_checkpointed_bytes(plain, every, _PARTS) // batch_size,
         activations_per_sample_configured=as_configured // batch_size,
