@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test clean-demo gpu-wheels
 
 # torch and torchvision first, as a matched pair from the registry (the local CPU-only torch wheel has no
 # matching torchvision); then DeepSpeed without build isolation so its build uses that torch instead of
@@ -30,3 +30,16 @@ test: install
 
 clean-demo:
 	rm -rf runs/demo runs/fake-imagenet
+
+# What benchmarks/gpu.py needs on the GPU machine beyond its own packages (it has Python 3.12 and torch, and
+# reaches no registry), as wheels in .whl/ that travel with the working tree (docs/benchmarks.md, "One GPU").
+GPU_PY ?= 3.12
+GPU_PURE := deepspeed hjson omegaconf pydantic annotated-types typing-inspection typing-extensions
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -c constraints.txt \
+		-w .whl $(GPU_PURE)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -c constraints.txt \
+		--python-version $(GPU_PY) --implementation cp --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl pydantic-core
+	ls -l .whl
