@@ -184,7 +184,7 @@ def report(sizes: list[str], batch: int, gpus: int, zero_stage: int, command: st
         f"Memory per GPU in GiB: bf16, ZeRO-{zero_stage} over {gpus} GPUs, batch {batch} per GPU. *joint*: every "
         "parameter trains (trunk stage, end to end as in PixelDiT); *decoder stage*: the trunk is frozen. "
         "*ckpt*: activation checkpointing on every trunk and decoder block. *model states*: weights, gradients, "
-        "optimizer states and EMA, before activations.",
+        "optimizer states and one fp32 EMA (sharded over the GPUs like the fp32 masters it averages), before activations.",
         "",
         *table1,
         "",
