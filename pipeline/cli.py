@@ -168,6 +168,11 @@ def print_summary(run_dir: Path, cfg, wall: float) -> None:
         if fid.get("proxy"):
             console.print("[yellow]The FID above is a proxy (random-init Inception features, no weights file): "
                           "it is not comparable to published numbers.[/yellow]")
+        extra = [(label, fid[key]) for label, key in (("sFID", "sfid"), ("precision", "precision"),
+                                                      ("recall", "recall")) if key in fid]
+        if extra or fid.get("reference"):
+            console.print("fid:         " + ", ".join(f"{label} {value:.3f}" for label, value in extra)
+                          + (f" (against {fid['reference']})" if fid.get("reference") else ""))
         console.print(f"metrics:     {fid['metrics']}")
         console.print(f"sample grid: {fid['sample_grid']}")
     console.print(f"total wall time: {wall:.0f} s")

@@ -19,7 +19,7 @@ from pixelgen import families
 from pixelgen.data.config import DataConfig, ShardConfig, check_shard
 from pixelgen.engine.config import (DecoderTrainConfig, LoggingConfig, TrainConfig, batch_split_error,
                                     check_decoder_train, check_train)
-from pixelgen.eval.config import FIDConfig, check_fid
+from pixelgen.eval.config import FIDConfig, check_fid, ema_decay
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, check_objective, check_sampler
 from pixelgen.models.teachers import check_weights as check_teacher_weights
 
@@ -73,6 +73,8 @@ class ExperimentConfig:
 # Keys of the decoder stage alone that run folders written before DecoderTrainConfig hold under train_trunk too,
 # at their defaults (the two stages shared one schema); dropped when such a folder is read back.
 _DECODER_ONLY = {"init_from": None, "freeze_trunk": True, "trunk_lr": None}
+# Keys renamed since run folders were first written: old name -> new name (the value carries over).
+_RENAMED = {"fid.reference_split": "fid.reference"}
 
 
 def _explain(err: OmegaConfBaseException, source: str, unknown: str | None = None) -> ConfigError:
@@ -86,6 +88,11 @@ def _explain(err: OmegaConfBaseException, source: str, unknown: str | None = Non
         return ConfigError(f"{source}: key '{key}' moved to the cluster profile (slurm/<name>.yaml, key "
                            f"'{_MOVED[key.split('.')[-1]]}'), selected with --cluster NAME; the experiment's "
                            f"launch.<stage> keeps only tasks and timeout_min for local runs")
+    if key == "fid.ema":
+        return ConfigError(f"{source}: key 'fid.ema' is now 'fid.weights': ema (true) or model (false), or "
+                           f"ema-<decay> for another EMA, or a .safetensors file")
+    if key in _RENAMED:
+        return ConfigError(f"{source}: key '{key}' is now '{_RENAMED[key]}' (same values, and more): rename it")
     if key.startswith("train_trunk.") and key.split(".", 1)[1] in _DECODER_ONLY:
         return ConfigError(f"{source}: key '{key}' belongs to the decoder stage alone (the trunk stage has no "
                            f"trunk to load or freeze): set train_decoder.{key.split('.', 1)[1]} instead")
@@ -173,6 +180,11 @@ def validate(cfg, source: str = "config") -> None:
         why = batch_split_error(cfg[name], cfg.launch[name].tasks)
         if why:
             fail(f"{name}.batch_size", cfg[name].batch_size, f"{why} (launch.{name}.tasks)")
+    decay = ema_decay(cfg.fid.weights)
+    last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
+    if decay is not None and decay not in [float(d) for d in cfg[last].ema_decays]:
+        fail("fid.weights", cfg.fid.weights, f"{last} keeps the EMAs of decays {list(cfg[last].ema_decays)}: "
+                                              f"name one of them (ema-<decay>), ema for the first, or model")
     if cfg.train_decoder.init_from and not Path(cfg.train_decoder.init_from).is_file():
         fail("train_decoder.init_from", cfg.train_decoder.init_from, "file does not exist")
 
@@ -229,6 +241,16 @@ def to_container(cfg) -> dict:
 
 def from_container(data: dict):
     """Rebuild a typed config from plain data (the saved run config); validated like a file."""
+    for old, new in _RENAMED.items():
+        section, old_key = old.split(".")
+        part = data.get(section)
+        if isinstance(part, dict) and old_key in part:
+            part = {**part, new.split(".")[1]: part[old_key]}
+            data = {**data, section: {k: v for k, v in part.items() if k != old_key}}
+    fid = data.get("fid")
+    if isinstance(fid, dict) and "ema" in fid:  # fid.ema (bool) became fid.weights
+        data = {**data, "fid": {**{k: v for k, v in fid.items() if k != "ema"},
+                                "weights": "ema" if fid["ema"] else "model"}}
     trunk = data.get("train_trunk")
     if isinstance(trunk, dict) and all(trunk.get(k, v) == v for k, v in _DECODER_ONLY.items()):
         data = {**data, "train_trunk": {k: v for k, v in trunk.items() if k not in _DECODER_ONLY}}

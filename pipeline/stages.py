@@ -19,12 +19,13 @@ from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
 from pixelgen.data import to_float
 from pixelgen.engine.dist import init_distributed
-from pixelgen.engine.export import MODEL_FILE, PRIMARY_EMA, load_weights
+from pixelgen.engine.export import MODEL_FILE, PRIMARY_EMA, ema_filename, load_weights, weights_metadata
 from pixelgen.engine.train import TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
-from pixelgen.io import atomic_write_file, atomic_write_json
+from pixelgen.eval.config import SPLIT_REFERENCES, Metric, ema_decay, missing_reference_keys
+from pixelgen.io import atomic_write_file, atomic_write_json, sha256_file
 from pixelgen.precision import use_bf16
-from pixelgen.progress import console
+from pixelgen.progress import console, report
 from pixelgen.viz import save_grid, to_uint8
 
 
@@ -166,28 +167,65 @@ def stage_train_decoder(cfg, run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ fid
 def _generator_weights(cfg, run_dir: Path) -> Path:
+    """The file `fid.weights` names: an export of the last training stage (its first EMA, the EMA of a given
+    decay, or the trained weights) or a file of its own."""
     last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
-    return rundir.stage_dir(run_dir, last) / "export" / (PRIMARY_EMA if cfg.fid.ema else MODEL_FILE)
+    export = rundir.stage_dir(run_dir, last) / "export"
+    weights = cfg.fid.weights
+    if weights in ("ema", "model"):
+        return export / (PRIMARY_EMA if weights == "ema" else MODEL_FILE)
+    decay = ema_decay(weights)
+    if decay is not None:
+        decays = [float(d) for d in cfg[last].ema_decays]
+        return export / ema_filename(decays.index(decay), decay)  # validated: one of them
+    return Path(weights).expanduser()
 
 
-def _reference_statistics(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights_sha256: str):
-    """(statistics, image count) of the sharded reference split, cached next to the metrics with what made them
-    (the shards' hashes and the Inception weights') and recomputed when either changed."""
-    split = cfg.fid.reference_split
-    ref_meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
-                "weights": weights_sha256}
-    ref_path = out / f"reference_{split}.npz"
-    if ref_path.exists():
-        stats, meta = fid_lib.load_statistics(ref_path)
-        if {k: meta.get(k) for k in ref_meta} == ref_meta:
-            return stats, meta.get("count")
-    batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, cfg.fid.batch_size,
-                                       resolution=cfg.data.resolution)
-    feats = extractor.extract(batches, progress=True)
-    stats = fid_lib.reference_statistics(feats["2048"])
-    count = feats["2048"].shape[0]
-    fid_lib.save_statistics(ref_path, stats, {**ref_meta, "count": count})
-    return stats, count
+def _reference(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights_sha256: str):
+    """(reference, images its statistics summarise or None when unknown, its protocol entries) for
+    `fid.reference`: a split's features, cached next to the metrics with what made them (the shards' hashes, the
+    Inception weights', the precision/recall image count) and recomputed when any changed; or a reference file,
+    whose images (ADM's arr_0) are featurised once for precision/recall and cached the same way."""
+    fid = cfg.fid
+    if fid.reference in SPLIT_REFERENCES:
+        split = fid.reference
+        if split not in manifest["splits"]:
+            raise ConfigError(f"key 'fid.reference' = {split!r}: the shards in {shard_dir(cfg, run_dir)} hold the "
+                              f"splits {sorted(manifest['splits'])}: add {split!r} to shard.splits and reshard, or "
+                              f"set fid.reference to one of them or to a reference .npz file")
+        meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
+                "weights": weights_sha256, "prc_images": fid.reference_images}
+        path = out / f"reference_{split}.npz"
+        if path.exists():
+            ref, saved = fid_lib.load_statistics(path)
+            if {k: saved.get(k) for k in meta} == meta and {"mu_s", "features"} <= ref.keys():
+                return ref, saved.get("count"), {"reference": split}
+        batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, fid.batch_size,
+                                           resolution=cfg.data.resolution)
+        batches_total = -(-manifest["splits"][split]["totals"]["count"] // fid.batch_size)
+        feats = extractor.extract(batches, progress=True, total=batches_total)
+        ref = fid_lib.reference_from_features(feats, fid.reference_images)
+        count = feats[fid_lib.FEATURE_FID].shape[0]
+        fid_lib.save_statistics(path, ref, {**meta, "count": count})
+        return ref, count, {"reference": split}
+
+    path = str(Path(fid.reference).expanduser())
+    why = missing_reference_keys(path, fid.metrics)  # checked when the config was loaded; the file may have changed
+    if why:
+        raise ConfigError(f"key 'fid.reference' = {fid.reference!r}: {why}")
+    sha = sha256_file(path)
+    ref, _ = fid_lib.load_statistics(path)
+    if Metric.precision_recall in fid.metrics:
+        cache, meta = out / "reference_file_features.npz", {"file_sha256": sha, "weights": weights_sha256}
+        cached = fid_lib.load_statistics(cache) if cache.exists() else None
+        if cached is None or {k: cached[1].get(k) for k in meta} != meta or "features" not in cached[0]:
+            images = fid_lib.load_reference_images(path)
+            batches = images.split(fid.batch_size)
+            feats = extractor.extract(batches, progress=True, total=len(batches))
+            fid_lib.save_statistics(cache, fid_lib.reference_from_features(feats, len(images)), meta)
+            cached = fid_lib.load_statistics(cache)
+        ref["features"] = cached[0]["features"]
+    return ref, None, {"reference": "file", "reference_file": str(Path(path).resolve()), "reference_sha256": sha}
 
 
 class _Scorer:
@@ -202,21 +240,23 @@ class _Scorer:
         self.grid_idx = torch.cat([torch.arange(c * per, c * per + self.show) for c in range(min(n_cls, 16))])
 
     def __call__(self, sampler_cfg, what: str) -> tuple[torch.Tensor, dict]:
-        from rich.progress import Progress
-
-        bs = self.cfg.fid.batch_size
+        bs, n = self.cfg.fid.batch_size, self.labels.numel()
         g = torch.Generator(device=self.device).manual_seed(self.cfg.fid.seed)
         draw = families.get(self.cfg.model.trunk.kind).sampler(self.cfg, sampler_cfg)
-        chunks = []
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"sampling {self.labels.numel()} images{what}", total=self.labels.numel())
-            for i in range(0, self.labels.numel(), bs):
-                y = self.labels[i:i + bs].to(self.device)
-                chunks.append(to_uint8(draw(self.model, y, g)).cpu())
-                bar.advance(task, y.numel())
+        chunks, t0 = [], time.monotonic()
+
+        def rate() -> str:
+            return f"{sum(len(c) for c in chunks) / max(time.monotonic() - t0, 1e-9):.2f} images/s"
+
+        # A live bar on a terminal, a line with the rate and the ETA every 30 s in a SLURM log.
+        starts = range(0, n, bs)
+        for i in report(starts, len(starts), f"sampling {n} images{what}", unit="batches", extra=rate):
+            y = self.labels[i:i + bs].to(self.device)
+            chunks.append(to_uint8(draw(self.model, y, g)).cpu())
         images = torch.cat(chunks)
-        feats = self.extractor.extract([images[i:i + bs] for i in range(0, len(images), bs)], progress=True)
-        return images, fid_lib.compute_metrics(feats, self.ref_stats)
+        batches = [images[i:i + bs] for i in range(0, len(images), bs)]
+        feats = self.extractor.extract(batches, progress=True, total=len(batches))
+        return images, fid_lib.compute_metrics(feats, self.ref_stats, self.cfg.fid.metrics)
 
     def grid(self, images: torch.Tensor, path: Path) -> Path:
         return save_grid(images[self.grid_idx], path, nrow=self.show)
@@ -231,21 +271,26 @@ def _sweep(cfg, out: Path, score: _Scorer) -> list[dict]:
         done = json.loads(point_path.read_text()) if point_path.is_file() else None
         if done is None or done["sampler"] != entry:
             images, metrics = score(sampler_cfg, f" ({entry}; sweep {k}/{len(points)})")
-            done = {"sampler": entry, "fid": metrics["fid"], "isc_mean": metrics["isc_mean"],
+            done = {"sampler": entry, **{k: v for k, v in metrics.items() if k != "isc_splits"},
                     "sample_grid": str(score.grid(images, out / "sweep" / f"point{k:03d}.png"))}
             atomic_write_json(point_path, done)
         rows.append(done)
     return rows
 
 
+_SWEEP_COLUMNS = (("fid", None), ("isc_mean", "IS"), ("sfid", "sFID"), ("precision", "precision"),
+                  ("recall", "recall"))
+
+
 def _print_sweep(sweep: list[dict], metric_name: str, images: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"{metric_name} sweep ({images} images each)")
-    for col in ("sampler", metric_name, "IS"):
+    columns = [(key, title or metric_name) for key, title in _SWEEP_COLUMNS if key in sweep[0]]
+    for col in ("sampler", *(title for _, title in columns)):
         table.add_column(col)
     for row in sweep:
-        table.add_row(row["sampler"] or "(config)", f"{row['fid']:.3f}", f"{row['isc_mean']:.3f}")
+        table.add_row(row["sampler"] or "(config)", *(f"{row[key]:.3f}" if key in row else "-" for key, _ in columns))
     console.print(table)
 
 
@@ -257,7 +302,7 @@ def stage_fid(cfg, run_dir: Path) -> dict:
     dist = init_distributed()
     extractor = fid_lib.InceptionFeatures(weights, device=dist.device, batch_size=cfg.fid.batch_size)
     proto = fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)  # hashes the weights file once
-    ref_stats, num_ref = _reference_statistics(cfg, run_dir, manifest, out, extractor, proto["weights_sha256"])
+    ref_stats, num_ref, ref_desc = _reference(cfg, run_dir, manifest, out, extractor, proto["weights_sha256"])
 
     gen_path = _generator_weights(cfg, run_dir)
     model = _load_generator(cfg, gen_path).to(dist.device).eval()
@@ -268,18 +313,20 @@ def stage_fid(cfg, run_dir: Path) -> dict:
                       lambda f: np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=score.labels.numpy()))
     grid = score.grid(images, out / "samples.png")
     points = _sweep(cfg, out, score)
-    sweep = [{"sampler": "", "fid": metrics["fid"], "isc_mean": metrics["isc_mean"], "sample_grid": str(grid)},
+    sweep = [{"sampler": "", **{k: v for k, v in metrics.items() if k != "isc_splits"}, "sample_grid": str(grid)},
              *points]
     if points:
         _print_sweep(sweep, proto["metric_name"], len(images))
 
-    proto = {**proto, "num_gen": len(images), "num_ref": num_ref}
+    proto = {**proto, **ref_desc, "num_gen": len(images), "num_ref": num_ref,
+             "num_ref_precision_recall": len(ref_stats["features"]) if "features" in ref_stats else None}
     result = {
         "metric_name": proto["metric_name"],
         "proxy": is_proxy,
         **metrics,
         "protocol": proto,
         "generator_weights": str(gen_path),
+        "generator_step": weights_metadata(gen_path).get("step"),  # the training step the weights come from
         "sampler": to_container(cfg.sampler),
         "sampling_precision": "bf16" if use_bf16(cfg.sampler.precision, dist.device) else "fp32",
         "samples_npz": str(out / "samples.npz"),
@@ -287,8 +334,9 @@ def stage_fid(cfg, run_dir: Path) -> dict:
         **({"sweep": sweep} if points else {}),
     }
     atomic_write_json(out / "metrics.json", result)
-    summary = {"metric_name": proto["metric_name"], "proxy": is_proxy, "fid": metrics["fid"],
-               "isc_mean": metrics["isc_mean"], "metrics": str(out / "metrics.json"), "sample_grid": str(grid)}
+    summary = {"metric_name": proto["metric_name"], "proxy": is_proxy,
+               **{k: metrics[k] for k in ("fid", "isc_mean", "sfid", "precision", "recall") if k in metrics},
+               "reference": ref_desc["reference"], "metrics": str(out / "metrics.json"), "sample_grid": str(grid)}
     if points:
         best = min(sweep, key=lambda row: row["fid"])
         summary["best"] = {"sampler": best["sampler"] or "(config)", "fid": best["fid"]}

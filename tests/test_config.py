@@ -145,3 +145,36 @@ def test_decoder_only_keys_are_refused_on_the_trunk_stage(tmp_path):
     (run_dir / "config.yaml").write_text(old)
     assert rundir.load_run_config(run_dir) == cfg
     rundir.prepare(cfg)
+
+
+def test_fid_weights_name_an_export_or_a_file(tmp_path):
+    from pipeline.stages import _generator_weights
+
+    base = ["data.imagenet_dir=/x", "train_decoder.ema_decays=[0.9,0.99]"]
+    run = tmp_path / "run"
+    for weights, file in (("ema", "ema.safetensors"), ("model", "model.safetensors"),
+                          ("ema-0.9", "ema.safetensors"), ("ema-0.99", "ema-0.99.safetensors")):
+        cfg = load_config(TINY, [*base, f"fid.weights={weights}"])
+        assert _generator_weights(cfg, run) == run / "train_decoder" / "export" / file, weights
+    msg, _ = _err(tmp_path, overrides=[*base, "fid.weights=ema-0.999"])
+    assert "'fid.weights' = 'ema-0.999'" in msg and "[0.9, 0.99]" in msg  # the decoder stage keeps these
+    msg, _ = _err(tmp_path, overrides=[*base, f"fid.weights={tmp_path / 'absent.safetensors'}"])
+    assert "'fid.weights'" in msg and "existing .safetensors file" in msg
+    own = tmp_path / "mine.safetensors"
+    own.write_bytes(b"")
+    assert _generator_weights(load_config(TINY, [*base, f"fid.weights={own}"]), run) == own
+
+
+def test_old_fid_keys_say_what_they_became_and_old_run_folders_still_read(tmp_path):
+    msg, _ = _err(tmp_path, overrides=["data.imagenet_dir=/x", "fid.reference_split=val"])
+    assert "'fid.reference_split' is now 'fid.reference'" in msg
+    msg, _ = _err(tmp_path, overrides=["data.imagenet_dir=/x", "fid.ema=false"])
+    assert "'fid.ema' is now 'fid.weights'" in msg
+    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/x", "fid.reference=val",
+                             "fid.weights=model"])
+    run_dir = rundir.prepare(cfg)
+    saved = (run_dir / "config.yaml").read_text()
+    old = saved.replace("  reference: val\n", "  reference_split: val\n").replace("  weights: model\n", "  ema: false\n")
+    assert old != saved
+    (run_dir / "config.yaml").write_text(old)
+    assert rundir.load_run_config(run_dir) == cfg  # an older pixelgen's folder, read back as it was meant

@@ -150,7 +150,7 @@ def test_any_resolution_and_streaming_match(extractor, base_images, base_feature
     assert extractor(big)["2048"].shape == (BATCH, 2048)
     labels = torch.zeros(BATCH, dtype=torch.long)
     batches = [(base_images[:BATCH], labels), base_images[BATCH : 2 * BATCH]]
-    streamed = extractor.extract(batches, progress=True, total=2 * BATCH)
+    streamed = extractor.extract(batches, progress=True, total=2)
     assert torch.allclose(streamed["2048"], base_features["2048"][: 2 * BATCH], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="uint8"):
         extractor(base_images.float())
@@ -260,3 +260,137 @@ def test_protocol_labels_proxy(weights):
     assert (info["num_gen"], info["num_ref"]) == (10, 20)
     assert info["torch_fidelity_version"] == torch_fidelity.__version__
     assert protocol(FIDConfig(), path, False, 10, 20)["metric_name"] == "FID"
+
+
+# ----------------------------------------------------------------------------- sFID, precision/recall, references
+def test_spatial_features_are_adms_mixed_6_conv_first_7_channels_in_nhwc_order(weights, base_images, base_features):
+    """ADM's sFID layer `mixed_6/conv` is torch-fidelity's Mixed_6d.branch1x1 (conv + BN + ReLU); its first 7
+    channels, flattened channel-last, line up with ADM's mu_s / sigma_s element for element."""
+    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights[0])
+    seen = []
+    model.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    with torch.inference_mode():
+        model(base_images[:4])
+    (maps,) = seen
+    assert maps.shape == (4, 192, 17, 17)  # at torch-fidelity's 299 px
+    nhwc = maps[:, :7].permute(0, 2, 3, 1).reshape(4, -1).double()
+    assert base_features["spatial"].shape == (NUM_IMAGES, 17 * 17 * 7)
+    torch.testing.assert_close(base_features["spatial"][:4], nhwc, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(maps[:, :7].reshape(4, -1).double(), nhwc)  # the order is a real choice
+
+
+def _frechet_numpy(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _precision_recall_numpy(gen: np.ndarray, ref: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Kynkaanniemi et al.'s improved precision/recall, as ADM computes it: a point of one set is covered when
+    it lies within the k-th-nearest-neighbour radius of some point of the other set."""
+    def dist(x, y):
+        return np.sqrt(((x[:, None, :] - y[None, :, :]) ** 2).sum(-1))
+
+    radius_ref = np.sort(dist(ref, ref), axis=1)[:, k]  # column 0 is the point itself
+    radius_gen = np.sort(dist(gen, gen), axis=1)[:, k]
+    precision = (dist(gen, ref) <= radius_ref[None, :]).any(1).mean()
+    recall = (dist(ref, gen) <= radius_gen[None, :]).any(1).mean()
+    return float(precision), float(recall)
+
+
+def test_sfid_and_precision_recall_match_an_independent_numpy_computation():
+    from pixelgen.eval.fid import reference_from_features
+
+    rng = np.random.default_rng(0)
+    # Small stand-in features (the metrics do not care where they come from): overlapping, shifted clouds.
+    ref = {"2048": rng.standard_normal((60, 6)), "spatial": rng.standard_normal((60, 5)),
+           "logits_unbiased": rng.standard_normal((60, 10))}
+    gen = {"2048": rng.standard_normal((50, 6)) * 1.3 + 0.4, "spatial": rng.standard_normal((50, 5)) + 0.5,
+           "logits_unbiased": rng.standard_normal((50, 10))}
+    ref_t, gen_t = ({k: torch.from_numpy(v) for k, v in d.items()} for d in (ref, gen))
+    reference = reference_from_features(ref_t, prc_images=60)
+    out = compute_metrics(gen_t, reference, ["fid", "sfid", "precision_recall"])
+    assert out["fid"] == pytest.approx(_frechet_numpy(gen["2048"], ref["2048"]), rel=1e-6)
+    assert out["sfid"] == pytest.approx(_frechet_numpy(gen["spatial"], ref["spatial"]), rel=1e-6)
+    precision, recall = _precision_recall_numpy(gen["2048"].astype(np.float32), ref["2048"].astype(np.float32))
+    assert 0 < precision < 1 and 0 < recall < 1  # a comparison that can tell
+    assert (out["precision"], out["recall"]) == pytest.approx((precision, recall), abs=1e-6)  # counts of 50, 60
+    # Fewer reference images for P/R: the first ones, as documented.
+    assert reference_from_features(ref_t, prc_images=20)["features"].shape == (20, 6)
+    with pytest.raises(ValueError, match="mu_s, sigma_s, which sfid needs"):
+        compute_metrics(gen_t, {k: reference[k] for k in ("mu", "sigma")}, ["fid", "sfid"])
+
+
+def _adm_reference(path: Path, images: torch.Tensor, features: dict, stats_only: bool = False) -> Path:
+    """A reference batch in ADM's layout: statistics, spatial statistics and the images (uint8 NHWC, arr_0)."""
+    pool, spatial = reference_statistics(features["2048"]), reference_statistics(features["spatial"])
+    arrays = {"mu": pool["mu"], "sigma": pool["sigma"]}
+    if not stats_only:
+        arrays.update(mu_s=spatial["mu"], sigma_s=spatial["sigma"], arr_0=images.permute(0, 2, 3, 1).numpy())
+    np.savez(path, **arrays)
+    return path
+
+
+def test_an_adm_reference_batch_scores_like_its_own_images(tmp_path, extractor, base_images, base_features):
+    from pixelgen.eval.fid import load_reference_images, reference_from_features
+
+    path = _adm_reference(tmp_path / "VIRTUAL_test.npz", base_images, base_features)
+    ref, meta = load_statistics(str(path))
+    assert meta == {} and {"mu", "sigma", "mu_s", "sigma_s"} <= ref.keys()
+    images = load_reference_images(str(path))
+    assert torch.equal(images, base_images)
+    ref["features"] = extractor(images)["2048"].float().numpy()
+    noisy = extractor(add_noise(base_images, NOISE_LEVELS[0]))
+    metrics = ["fid", "sfid", "precision_recall"]
+    from_file = compute_metrics(noisy, ref, metrics)
+    direct = compute_metrics(noisy, reference_from_features(base_features, NUM_IMAGES), metrics)
+    assert from_file == pytest.approx(direct, rel=1e-6)
+    assert from_file["sfid"] > 0 and 0 <= from_file["precision"] <= 1
+
+
+def test_a_reference_file_must_hold_what_each_requested_metric_needs(tmp_path, base_images, base_features):
+    from pipeline.config import ConfigError, load_config
+    from pixelgen.eval.config import missing_reference_keys
+
+    stats_only = _adm_reference(tmp_path / "jit_stats.npz", base_images, base_features, stats_only=True)
+    why = missing_reference_keys(str(stats_only), ["fid", "is", "sfid", "precision_recall"])
+    assert "sfid needs mu_s, sigma_s" in why and "precision_recall needs arr_0" in why
+    assert missing_reference_keys(str(stats_only), ["fid", "is"]) is None
+    base = ["data.imagenet_dir=x", f"fid.reference={stats_only}"]
+    with pytest.raises(ConfigError, match="jit_stats.npz.*precision_recall needs arr_0"):
+        load_config("configs/tiny.yaml", base)  # before anything runs
+    assert load_config("configs/tiny.yaml", [*base, "fid.metrics=[fid,is]"]).fid.reference == str(stats_only)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert "not a readable .npz" in missing_reference_keys(str(tmp_path / "broken.npz"), ["fid"])
+    with pytest.raises(ConfigError, match="must include fid"):
+        load_config("configs/tiny.yaml", ["data.imagenet_dir=x", "fid.metrics=[is]"])
+
+
+def test_the_fid_stage_takes_a_reference_file_hashes_it_and_featurises_its_images_once(
+        tmp_path, extractor, base_images, base_features):
+    from pipeline.config import load_config
+    from pipeline.stages import _reference
+
+    path = _adm_reference(tmp_path / "VIRTUAL_test.npz", base_images, base_features)
+    cfg = load_config("configs/tiny.yaml", ["data.imagenet_dir=x", f"fid.reference={path}"])
+    calls = []
+
+    class Counting:
+        def extract(self, batches, **kw):
+            calls.append(1)
+            return extractor.extract(batches, **kw)
+
+    out = tmp_path / "fid"
+    out.mkdir()
+    ref, count, desc = _reference(cfg, tmp_path, {}, out, Counting(), "weights-sha")
+    assert desc == {"reference": "file", "reference_file": str(path.resolve()),
+                    "reference_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert count is None  # what the file's statistics summarise is the file's business
+    assert ref["features"].shape == (NUM_IMAGES, 2048) and len(calls) == 1
+    again, _, _ = _reference(cfg, tmp_path, {}, out, Counting(), "weights-sha")
+    assert len(calls) == 1 and np.array_equal(again["features"], ref["features"])  # cached, keyed by the file
+    _reference(cfg, tmp_path, {}, out, Counting(), "other-weights")
+    assert len(calls) == 2  # other Inception weights: featurised again

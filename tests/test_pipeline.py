@@ -48,6 +48,15 @@ def test_chain_end_to_end(chain, fake_imagenet):
     metrics = json.loads((run_dir / "fid" / "metrics.json").read_text())
     assert metrics["proxy"] is True and "proxy" in metrics["metric_name"]
     assert metrics["fid"] > 0 and metrics["protocol"]["num_gen"] == 4 * 3
+    # The published protocol's metrics, against the training split (the default reference): all 48 images for
+    # the statistics, and as the precision/recall manifold (fewer than fid.reference_images).
+    assert metrics["sfid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    proto = metrics["protocol"]
+    assert (proto["reference"], proto["num_ref"], proto["num_ref_precision_recall"]) == ("train", 48, 48)
+    assert proto["metrics"] == ["fid", "is", "sfid", "precision_recall"] and proto["precision_recall_k"] == 3
+    assert re.search(r"fid: +sFID [\d.]+, precision [\d.]+, recall [\d.]+ \(against train\)", proc.stdout)
+    # Which weights were scored, and from which step: the decoder stage's first EMA, after its 4 steps.
+    assert (proto["weights"], metrics["generator_step"]) == ("ema", 4)
     assert Path(metrics["sample_grid"]).is_file()
     out = proc.stdout
     assert "proxy" in out and str(run_dir) in out and "sample grid" in out

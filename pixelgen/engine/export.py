@@ -66,13 +66,19 @@ def export_weights(engine, ema, frozen_fp32: dict[str, torch.Tensor], out_dir: P
     return out_dir
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read exported weights and their pixelgen metadata (the run config among it)."""
+def weights_metadata(path: str | Path) -> dict:
+    """The pixelgen metadata of exported weights (the run config, the stage, the training step), without
+    reading the tensors."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file '{path}' does not exist: run the training stage that exports it")
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("pixelgen", "{}"))
+        return json.loads((f.metadata() or {}).get("pixelgen", "{}"))
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read exported weights and their pixelgen metadata (the run config among it)."""
+    meta = weights_metadata(path)
     return load_file(str(path)), meta

@@ -412,7 +412,7 @@ def _finish(run: _Run, preempted: bool, export_meta: dict) -> Path | None:
     if not preempted:
         _sample_grid(run, run.step)
         export_dir = export_weights(run.engine, run.ema, run.frozen_fp32, run.out_dir / "export", run.dist.is_main,
-                                    meta=export_meta)
+                                    meta={**export_meta, "step": run.step})
     run.log.close()
     if run.dist.is_main and run.log.path.exists():
         plot_metrics(run.log.path, run.out_dir / "curves.png", loss_terms=run.task.loss_terms)

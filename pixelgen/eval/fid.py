@@ -1,8 +1,15 @@
-"""FID / Inception Score through torch-fidelity's InceptionV3.
+"""FID, Inception Score, sFID and precision/recall through torch-fidelity's InceptionV3, as ADM's evaluator
+measures them.
 
 Upstream torch-fidelity cannot take precomputed reference statistics (only the LTH14 fork has
 `fid_statistics_file`), so features come from its `FeatureExtractorInceptionV3` and the statistics and
-metrics from its own functions; nothing numerical is re-implemented here.
+metrics from its own functions (FID and sFID: `fid_features_to_statistics` / `fid_statistics_to_metric`; IS;
+precision/recall: `prc_features_to_metric`); nothing numerical is re-implemented here. sFID's spatial
+features are ADM's `mixed_6/conv:0`: the TF graph's mixed_6 is torch-fidelity's Mixed_6d (its TF-to-PyTorch
+weight map: mixed_6/conv -> Mixed_6d.branch1x1), whose conv + BN + ReLU output is taken with a forward hook;
+ADM keeps its first 7 channels, flattened in NHWC order, so that statistics from ADM's reference batch
+(`mu_s`, `sigma_s`) line up element for element. Precision/recall use ADM's k = 3 on pool3 features (not
+torch-fidelity's default VGG16).
 """
 
 import io
@@ -21,16 +28,21 @@ from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from tqdm import tqdm
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from pixelgen.eval.config import FIDConfig
+from pixelgen.eval.config import FIDConfig, Metric, missing_reference_keys
 from pixelgen.io import atomic_write_file, sha256_file
+from pixelgen.progress import report
 
 WEIGHTS_ENV = "PIXELGEN_INCEPTION_WEIGHTS"
 UPSTREAM_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"  # the name torch-fidelity registers this extractor under
 FEATURE_FID = "2048"
 FEATURE_ISC = "logits_unbiased"
+FEATURE_SFID = "spatial"  # ADM's mixed_6/conv, first 7 channels: [N, 17 * 17 * 7] at torch-fidelity's 299 px
+SFID_MODULE = "Mixed_6d.branch1x1"
+SFID_CHANNELS = 7
+PRC_NEIGHBORHOOD = 3  # ADM's k
 
 
 class _InceptionArchitecture(FeatureExtractorInceptionV3):
@@ -116,20 +128,28 @@ class InceptionFeatures:
                 f"{UPSTREAM_WEIGHTS_NAME} from {URL_INCEPTION_V3}"
             ) from e
         self.model = model.to(self.device)
+        self._spatial: list[torch.Tensor] = []
+        self.model.get_submodule(SFID_MODULE).register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, args, output):
+        # NCHW -> NHWC, then ADM's first channels, flattened: the element order of ADM's mu_s / sigma_s.
+        self._spatial.append(output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(output.shape[0], -1).clone())
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 [N, 3, H, W] images, any H and W (torch-fidelity resizes to 299 itself) -> float64 CPU features
-        {'2048': [N, 2048], 'logits_unbiased': [N, 1008]}."""
+        {'2048': [N, 2048], 'logits_unbiased': [N, 1008], 'spatial': [N, 2023]}."""
         if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
             raise ValueError(
                 f"InceptionFeatures expects a uint8 tensor [N, 3, H, W], got {got}; convert model output in [-1, 1] "
                 f"with ((x + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)"
             )
-        out: dict[str, list[torch.Tensor]] = {FEATURE_FID: [], FEATURE_ISC: []}
+        out: dict[str, list[torch.Tensor]] = {FEATURE_FID: [], FEATURE_ISC: [], FEATURE_SFID: []}
         with torch.inference_mode():
             for chunk in images.split(self.batch_size):
+                self._spatial.clear()
                 features = self.model.convert_features_tuple_to_dict(self.model(chunk.to(self.device)))
+                features[FEATURE_SFID] = self._spatial.pop()
                 for name, value in features.items():
                     out[name].append(value.to("cpu", torch.float64))
         return {name: torch.cat(values) for name, values in out.items()}
@@ -138,14 +158,16 @@ class InceptionFeatures:
         self, batches: Iterable, progress: bool = False, total: Optional[int] = None
     ) -> dict[str, torch.Tensor]:
         """Features of a stream of uint8 batches (or (images, labels) tuples, labels ignored), concatenated.
-        `total` is the image count, only used for the progress bar."""
-        out: dict[str, list[torch.Tensor]] = {FEATURE_FID: [], FEATURE_ISC: []}
-        with tqdm(total=total, disable=not progress, unit="img", desc="Inception features", leave=False) as bar:
-            for batch in batches:
-                images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                for name, value in self(images).items():
-                    out[name].append(value)
-                bar.update(images.shape[0])
+        `total` is the number of batches, only for the progress report (none without it)."""
+        out: dict[str, list[torch.Tensor]] = {FEATURE_FID: [], FEATURE_ISC: [], FEATURE_SFID: []}
+        seen = [0]
+        # A bar with an ETA on a terminal, a line every 30 s in a SLURM log.
+        for batch in report(batches, total or 0, "Inception features", unit="batches", enabled=progress and bool(total),
+                            extra=lambda: f"{seen[0]} images"):
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for name, value in self(images).items():
+                out[name].append(value)
+            seen[0] += images.shape[0]
         if not out[FEATURE_FID]:
             raise ValueError("InceptionFeatures.extract got no batches: the image stream is empty")
         return {name: torch.cat(values) for name, values in out.items()}
@@ -159,28 +181,42 @@ def reference_statistics(features_2048: torch.Tensor | np.ndarray) -> dict[str, 
     return fid_features_to_statistics(features)
 
 
+def reference_from_features(features: dict[str, torch.Tensor], prc_images: int) -> dict[str, np.ndarray]:
+    """A reference from its images' features: FID statistics (`mu`, `sigma`), sFID statistics (`mu_s`,
+    `sigma_s`) and the pool3 features of the first `prc_images` images (`features`, float32) for
+    precision/recall."""
+    spatial = reference_statistics(features[FEATURE_SFID])
+    return {**reference_statistics(features[FEATURE_FID]), "mu_s": spatial["mu"], "sigma_s": spatial["sigma"],
+            "features": features[FEATURE_FID][:prc_images].to(torch.float32).numpy()}
+
+
+_REFERENCE_ARRAYS = ("mu", "sigma", "mu_s", "sigma_s", "features")
+
+
 def save_statistics(path: str, stats: dict[str, np.ndarray], meta: dict) -> None:
-    """npz with `mu`, `sigma` (same keys as ADM / LTH14 stats files) and `meta`, a JSON string."""
-    arrays = {
-        "mu": np.asarray(stats["mu"], dtype=np.float64),
-        "sigma": np.asarray(stats["sigma"], dtype=np.float64),
-        "meta": np.array(json.dumps(meta, sort_keys=True)),
-    }
+    """npz with `mu`, `sigma` (the keys of ADM's and LTH14's files), `mu_s`, `sigma_s` and `features` where
+    present, and `meta`, a JSON string."""
+    arrays = {key: np.asarray(stats[key], dtype=np.float32 if key == "features" else np.float64)
+              for key in _REFERENCE_ARRAYS if key in stats}
+    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     atomic_write_file(path, lambda f: np.savez(f, **arrays))
 
 
 def load_statistics(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(stats, meta) from `save_statistics`; an npz with only `mu` and `sigma` (e.g. ADM's) gives meta {}."""
+    """(reference, meta) from `save_statistics` or a reference file from elsewhere: `mu`, `sigma` always, and
+    `mu_s`, `sigma_s` (sFID) and `features` (precision/recall) where the file has them. An ADM reference batch
+    gives its statistics (its images, `arr_0`, come from `load_reference_images`); a file without `meta`
+    gives meta {}."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"FID reference statistics {path!r} not found: compute them over the reference split "
-            f"(fid.reference_split) with reference_statistics + save_statistics"
+            f"FID reference statistics {path!r} not found: compute them over a reference split "
+            f"(fid.reference) with reference_statistics + save_statistics"
         )
     try:
         # Our own handle: np.load leaks the one it opens when the zip is unreadable.
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in ("mu", "sigma", "meta") if key in data.files}
-        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+            arrays = {key: data[key] for key in (*_REFERENCE_ARRAYS, "meta") if key in data.files}
+        meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(
             f"FID reference statistics {path!r} are unreadable ({e}): delete the file and recompute it"
@@ -188,58 +224,103 @@ def load_statistics(path: str) -> tuple[dict[str, np.ndarray], dict]:
     missing = {"mu", "sigma"} - arrays.keys()
     if missing:
         raise ValueError(f"FID reference statistics {path!r} lack {sorted(missing)}: delete the file and recompute it")
-    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(
-            f"FID reference statistics {path!r} are malformed (mu {mu.shape}, sigma {sigma.shape}, or non-finite "
-            f"values): delete the file and recompute it"
-        )
-    return {"mu": mu, "sigma": sigma}, meta
+    out = {}
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if mu_key not in arrays:
+            continue
+        mu, sigma = arrays[mu_key].astype(np.float64), arrays[sigma_key].astype(np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(
+                f"FID reference statistics {path!r} are malformed ({mu_key} {mu.shape}, {sigma_key} {sigma.shape}, "
+                f"or non-finite values): delete the file and recompute it"
+            )
+        out[mu_key], out[sigma_key] = mu, sigma
+    if "features" in arrays:
+        out["features"] = arrays["features"].astype(np.float32)
+    return out, meta
 
 
-def compute_metrics(
-    gen_features: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray], isc_splits: int = 10
-) -> dict:
-    """FID of the generated features against reference statistics, and Inception Score, via torch-fidelity."""
-    gen_stats = reference_statistics(gen_features[FEATURE_FID])
+def load_reference_images(path: str) -> torch.Tensor:
+    """The images of an ADM reference batch (`arr_0`, uint8 NHWC) as uint8 [N, 3, H, W], for the reference
+    features that precision/recall need."""
+    why = missing_reference_keys(path, [Metric.precision_recall])
+    if why:
+        raise ValueError(f"reference file {path!r} {why}")
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+        images = data["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"reference file {path!r}: arr_0 is {images.dtype} {images.shape}, not uint8 images "
+                         f"[N, H, W, 3] as in ADM's reference batches")
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def _frechet(gen: torch.Tensor, mu: np.ndarray, sigma: np.ndarray, what: str) -> float:
+    gen_stats = reference_statistics(gen)
     # torch-fidelity asserts equal dtypes; statistics from elsewhere (e.g. float32 files) are cast to match.
-    ref = {key: np.asarray(ref_stats[key], dtype=np.float64) for key in ("mu", "sigma")}
+    ref = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
     if ref["mu"].shape != gen_stats["mu"].shape:
         raise ValueError(
-            f"Reference statistics have dimension {ref['mu'].shape[0]} but the generated features "
-            f"{gen_stats['mu'].shape[0]}: both must be torch-fidelity InceptionV3 '{FEATURE_FID}' features"
+            f"Reference {what} statistics have dimension {ref['mu'].shape[0]} but the generated features "
+            f"{gen_stats['mu'].shape[0]}: both must come from torch-fidelity's InceptionV3 at its own 299 px"
         )
-    fid = fid_statistics_to_metric(gen_stats, ref, verbose=False)[KEY_METRIC_FID]
-
-    logits = gen_features[FEATURE_ISC]
-    # Each IS split needs at least one sample; small demo runs have fewer samples than the 10 standard splits.
-    splits = max(1, min(isc_splits, logits.shape[0]))
-    isc = isc_features_to_metric(
-        logits, splits=splits, shuffle=DEFAULTS["samples_shuffle"], rng_seed=DEFAULTS["rng_seed"]
-    )
-    return {
-        "fid": fid,
-        "isc_mean": isc[KEY_METRIC_ISC_MEAN],
-        "isc_std": isc[KEY_METRIC_ISC_STD],
-        "isc_splits": splits,
-    }
+    return fid_statistics_to_metric(gen_stats, ref, verbose=False)[KEY_METRIC_FID]
 
 
-def protocol(cfg: FIDConfig, weights_path: str, is_proxy: bool, num_gen: int, num_ref: int) -> dict:
-    """How the numbers were measured, for the result JSON: enough to tell comparable runs apart."""
+# What each metric needs of a loaded reference (the file's arr_0 becomes `features` once extracted).
+_NEEDS = {Metric.fid: ("mu", "sigma"), Metric.isc: (), Metric.sfid: ("mu_s", "sigma_s"),
+          Metric.precision_recall: ("features",)}
+
+
+def compute_metrics(gen_features: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray],
+                    metrics: Iterable[str] = (Metric.fid, Metric.isc), isc_splits: int = 10) -> dict:
+    """`metrics` of the generated features against a reference (`load_statistics`' or
+    `reference_from_features`' keys), via torch-fidelity: fid; is (isc_mean, isc_std, isc_splits); sfid;
+    precision_recall (precision, recall)."""
+    metrics = {Metric(m) for m in metrics}
+    for metric in metrics:
+        lacking = [k for k in _NEEDS[metric] if k not in ref_stats]
+        if lacking:
+            raise ValueError(f"the reference has no {', '.join(lacking)}, which {metric} needs")
+    out = {"fid": _frechet(gen_features[FEATURE_FID], ref_stats["mu"], ref_stats["sigma"], "pool3")}
+    if Metric.isc in metrics:
+        logits = gen_features[FEATURE_ISC]
+        # Each IS split needs at least one sample; small demo runs have fewer samples than the 10 standard splits.
+        splits = max(1, min(isc_splits, logits.shape[0]))
+        isc = isc_features_to_metric(
+            logits, splits=splits, shuffle=DEFAULTS["samples_shuffle"], rng_seed=DEFAULTS["rng_seed"]
+        )
+        out.update(isc_mean=isc[KEY_METRIC_ISC_MEAN], isc_std=isc[KEY_METRIC_ISC_STD], isc_splits=splits)
+    if Metric.sfid in metrics:
+        out["sfid"] = _frechet(gen_features[FEATURE_SFID], ref_stats["mu_s"], ref_stats["sigma_s"], "spatial")
+    if Metric.precision_recall in metrics:
+        prc = prc_features_to_metric(gen_features[FEATURE_FID].to(torch.float32),
+                                     torch.as_tensor(ref_stats["features"], dtype=torch.float32),
+                                     prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10_000, save_cpu_ram=True,
+                                     verbose=False)
+        out.update(precision=prc[KEY_METRIC_PRECISION], recall=prc[KEY_METRIC_RECALL])
+    return out
+
+
+def protocol(cfg: FIDConfig, weights_path: str, is_proxy: bool, num_gen: int, num_ref: int,
+             reference: Optional[dict] = None) -> dict:
+    """How the numbers were measured, for the result JSON: enough to tell comparable runs apart. `reference`
+    describes what was scored against (`reference`: train | val | file, and for a file its path and sha256)."""
     return {
         "metric_name": "proxy-FID (random-init Inception: not comparable to published numbers)" if is_proxy else "FID",
         "proxy": is_proxy,
+        "metrics": list(cfg.metrics),
         "feature_extractor": "torch-fidelity InceptionV3 2048-d pool3",
         "feature_layer_fid": FEATURE_FID,
         "feature_layer_isc": FEATURE_ISC,
+        "feature_layer_sfid": f"{SFID_MODULE} (ADM's mixed_6/conv), first {SFID_CHANNELS} channels, NHWC",
+        "precision_recall_k": PRC_NEIGHBORHOOD,
         "weights_file": os.path.abspath(weights_path),
         "weights_sha256": sha256_file(weights_path),
         "num_gen": num_gen,
         "num_ref": num_ref,
         "samples_per_class": cfg.samples_per_class,
-        "reference_split": cfg.reference_split,
-        "ema": cfg.ema,
+        **(reference or {"reference": cfg.reference}),
+        "weights": cfg.weights,
         "seed": cfg.seed,
         "torch_fidelity_version": torch_fidelity.__version__,
     }
