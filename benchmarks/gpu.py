@@ -94,7 +94,7 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py and model_zoo.py, also when loaded by path
 
-from report import DOC, REPO, log  # noqa: E402
+from report import REPO, git_commit, log, write_section  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -242,26 +242,6 @@ def md_table(headers: list[str], rows: list[list[str]], align: str = "") -> str:
 
 def wrap(text: str) -> str:
     return textwrap.fill(text, 115, break_long_words=False, break_on_hyphens=False)
-
-
-def replace_block(doc: str, body: str, heading: str, tag: str) -> str:
-    """`doc` with the text between <!-- TAG:start --> and <!-- TAG:end --> replaced by `body` (everything outside
-    the markers kept as it is), or with `heading` and a new marked block appended when the markers are missing."""
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in doc and end in doc.split(start, 1)[1]:
-        head, rest = doc.split(start, 1)
-        return head + block + rest.split(end, 1)[1]
-    return doc.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
-
-
-def git_commit() -> str:
-    try:
-        import report
-
-        return report.git_commit()
-    except (OSError, ValueError):  # no git on this machine
-        return "unknown"
 
 
 def call_site(frames: list[traceback.FrameSummary], depth: int = 4) -> str:
@@ -1132,8 +1112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.out.write_text(body + "\n")
         log(f"wrote {args.out}")
     if args.write_docs:
-        DOC.write_text(replace_block(DOC.read_text(), body, HEADING, TAG))
-        log(f"replaced the <!-- {TAG}:start --> block in {DOC}")
+        write_section(body, HEADING, TAG)
     log(f"total {seconds:.0f} s")
     return 0
 

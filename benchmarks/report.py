@@ -19,9 +19,13 @@ def log(msg: str) -> None:
 
 
 def git_commit(paths: tuple[str, ...] = ("pixelgen", "pipeline", "configs")) -> str:
-    """The short HEAD, flagged when `paths` have uncommitted changes (the numbers are then of the working tree)."""
+    """The short HEAD, flagged when `paths` have uncommitted changes (the numbers are then of the working tree);
+    "unknown" where git is missing (the GPU machine may have none)."""
     def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=all", "--", *paths)
@@ -33,16 +37,18 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {mem:.0f} GB, no GPU"
 
 
-def write_section(body: str, heading: str, tag: str) -> None:
-    """Replace the block between <!-- TAG:start --> and <!-- TAG:end --> in docs/benchmarks.md with `body`, or
-    append it under `heading` when the markers are missing."""
+def replace_section(text: str, body: str, heading: str, tag: str) -> str:
+    """`text` with the block between <!-- TAG:start --> and <!-- TAG:end --> replaced by `body` (everything
+    outside the markers kept as it is), or with `heading` and a new marked block appended when they are missing."""
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    text = DOC.read_text()
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text.split(start, 1)[1]:
         head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
-    DOC.write_text(text)
-    log(f"wrote the section between {start} and {end} in {DOC}")
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
+
+
+def write_section(body: str, heading: str, tag: str) -> None:
+    """`replace_section` on docs/benchmarks.md."""
+    DOC.write_text(replace_section(DOC.read_text(), body, heading, tag))
+    log(f"wrote the section between <!-- {tag}:start --> and <!-- {tag}:end --> in {DOC}")

@@ -151,17 +151,19 @@ def test_smoke_run_reports_every_case(smoke):
 
 
 def test_block_replacement_keeps_the_rest(gpu):
+    from report import replace_section  # benchmarks/report.py, on sys.path once gpu.py is loaded
+
     doc = "# Benchmarks\n\nintro\n\n## GPU\n\n<!-- gpu:start -->\nold numbers\n<!-- gpu:end -->\n\nnotes after\n"
-    new = gpu.replace_block(doc, "new numbers\n", "## GPU", "gpu")
+    new = replace_section(doc, "new numbers\n", "## GPU", "gpu")
     assert new == doc.replace("old numbers", "new numbers")
-    assert gpu.replace_block(new, "new numbers", "## GPU", "gpu") == new  # idempotent
+    assert replace_section(new, "new numbers", "## GPU", "gpu") == new  # idempotent
     # Another section's markers are left alone.
     other = "<!-- ar_sampling:start -->\nx\n<!-- ar_sampling:end -->\n"
-    assert gpu.replace_block(other + doc, "y", "## GPU", "gpu").startswith(other)
+    assert replace_section(other + doc, "y", "## GPU", "gpu").startswith(other)
     # No markers (or only a start marker): the heading and a marked block are appended.
-    appended = gpu.replace_block("# Benchmarks\n\ntext\n", "body", gpu.HEADING, "gpu")
+    appended = replace_section("# Benchmarks\n\ntext\n", "body", gpu.HEADING, "gpu")
     assert appended == f"# Benchmarks\n\ntext\n\n{gpu.HEADING}\n\n<!-- gpu:start -->\nbody\n<!-- gpu:end -->\n"
-    assert gpu.replace_block("a <!-- gpu:start --> b", "c", "## H", "gpu").endswith("<!-- gpu:end -->\n")
+    assert replace_section("a <!-- gpu:start --> b", "c", "## H", "gpu").endswith("<!-- gpu:end -->\n")
 
 
 def test_write_docs_is_refused_with_smoke(gpu, capsys):
