@@ -181,6 +181,19 @@ def _generator_weights(cfg, run_dir: Path) -> Path:
     return Path(weights).expanduser()
 
 
+def _cached(path: Path, meta: dict, needs: set, compute) -> tuple[dict, dict]:
+    """(reference, meta) from the cache at `path` when it was made with `meta` and holds the arrays `needs`;
+    otherwise `compute()` -> (reference, more meta), saved there first."""
+    if path.exists():
+        ref, saved = fid_lib.load_statistics(path)
+        if {k: saved.get(k) for k in meta} == meta and needs <= ref.keys():
+            return ref, saved
+    ref, extra = compute()
+    saved = {**meta, **extra}
+    fid_lib.save_statistics(path, ref, saved)
+    return ref, saved
+
+
 def _reference(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights_sha256: str):
     """(reference, images its statistics summarise or None when unknown, its protocol entries) for
     `fid.reference`: a split's features, cached next to the metrics with what made them (the shards' hashes, the
@@ -193,21 +206,19 @@ def _reference(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights
             raise ConfigError(f"key 'fid.reference' = {split!r}: the shards in {shard_dir(cfg, run_dir)} hold the "
                               f"splits {sorted(manifest['splits'])}: add {split!r} to shard.splits and reshard, or "
                               f"set fid.reference to one of them or to a reference .npz file")
+
+        def from_split():
+            batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, fid.batch_size,
+                                               resolution=cfg.data.resolution)
+            total = -(-manifest["splits"][split]["totals"]["count"] // fid.batch_size)
+            feats = extractor.extract(batches, progress=True, total=total)
+            return (fid_lib.reference_from_features(feats, fid.reference_images),
+                    {"count": feats[fid_lib.FEATURE_FID].shape[0]})
+
         meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
                 "weights": weights_sha256, "prc_images": fid.reference_images}
-        path = out / f"reference_{split}.npz"
-        if path.exists():
-            ref, saved = fid_lib.load_statistics(path)
-            if {k: saved.get(k) for k in meta} == meta and {"mu_s", "features"} <= ref.keys():
-                return ref, saved.get("count"), {"reference": split}
-        batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, fid.batch_size,
-                                           resolution=cfg.data.resolution)
-        batches_total = -(-manifest["splits"][split]["totals"]["count"] // fid.batch_size)
-        feats = extractor.extract(batches, progress=True, total=batches_total)
-        ref = fid_lib.reference_from_features(feats, fid.reference_images)
-        count = feats[fid_lib.FEATURE_FID].shape[0]
-        fid_lib.save_statistics(path, ref, {**meta, "count": count})
-        return ref, count, {"reference": split}
+        ref, saved = _cached(out / f"reference_{split}.npz", meta, {"mu_s", "features"}, from_split)
+        return ref, saved.get("count"), {"reference": split}
 
     path = str(Path(fid.reference).expanduser())
     why = missing_reference_keys(path, fid.metrics)  # checked when the config was loaded; the file may have changed
@@ -216,15 +227,13 @@ def _reference(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights
     sha = sha256_file(path)
     ref, _ = fid_lib.load_statistics(path)
     if Metric.precision_recall in fid.metrics:
-        cache, meta = out / "reference_file_features.npz", {"file_sha256": sha, "weights": weights_sha256}
-        cached = fid_lib.load_statistics(cache) if cache.exists() else None
-        if cached is None or {k: cached[1].get(k) for k in meta} != meta or "features" not in cached[0]:
-            images = fid_lib.load_reference_images(path)
-            batches = images.split(fid.batch_size)
+        def from_images():
+            batches = fid_lib.load_reference_images(path).split(fid.batch_size)
             feats = extractor.extract(batches, progress=True, total=len(batches))
-            fid_lib.save_statistics(cache, fid_lib.reference_from_features(feats, len(images)), meta)
-            cached = fid_lib.load_statistics(cache)
-        ref["features"] = cached[0]["features"]
+            return fid_lib.reference_from_features(feats, feats[fid_lib.FEATURE_FID].shape[0]), {}
+
+        meta = {"file_sha256": sha, "weights": weights_sha256}
+        ref["features"] = _cached(out / "reference_file_features.npz", meta, {"features"}, from_images)[0]["features"]
     return ref, None, {"reference": "file", "reference_file": str(Path(path).resolve()), "reference_sha256": sha}
 
 

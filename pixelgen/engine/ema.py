@@ -98,7 +98,7 @@ class EMA:
             return whole
         flat = whole.reshape(-1).float()
         out = torch.zeros(pc.numel, dtype=torch.float32)
-        inside = max(0, min(pc.numel, flat.numel() - pc.start))
+        inside = masters.overlap(pc.start, pc.numel, flat.numel())
         out[:inside] = flat[pc.start:pc.start + inside]
         return out
 
@@ -174,7 +174,7 @@ def whole_state(shards: list[dict]) -> dict:
             flat = torch.zeros(math.prod(shape), dtype=torch.float32)
             for shard in shards:
                 start, numel, _ = shard["layout"][name]
-                inside = max(0, min(numel, flat.numel() - start))
+                inside = masters.overlap(start, numel, flat.numel())
                 flat[start:start + inside] = shard["shadows"][i][name].reshape(-1)[:inside]
             out[name] = flat.reshape(shape)
         whole.append(out)

@@ -25,6 +25,12 @@ import torch
 from torch import nn
 
 
+def overlap(start: int, numel: int, total: int) -> int:
+    """How many of the `numel` elements from `start` lie inside a flattened parameter of `total` (a ZeRO-3
+    partition's padding lies past its end)."""
+    return max(0, min(numel, total - start))
+
+
 @dataclass(frozen=True)
 class Piece:
     """This rank's part of one parameter's fp32 master: `tensor` (flat when `sharded`, else shaped like the
@@ -49,7 +55,7 @@ class Piece:
             return local.detach().float().cpu().clone().reshape(self.shape) if keep else None
         total = math.prod(self.shape)
         buffer = torch.zeros(total, dtype=torch.float32, device=local.device)
-        inside = max(0, min(local.numel(), total - self.start))  # the partition's padding lies past the end
+        inside = overlap(self.start, local.numel(), total)
         if inside:
             buffer[self.start:self.start + inside] = local.reshape(-1)[:inside]
         torch.distributed.all_reduce(buffer)  # the pieces are disjoint and cover the parameter
