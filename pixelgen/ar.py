@@ -33,6 +33,7 @@ from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.models.config import CFGSchedule, Guidance, ModelConfig, ObjectiveConfig, SamplerConfig, end_to_end
 from pixelgen.models.pixel_ar import to_pixels
 from pixelgen.models.semantic_ar import kmeans
+from pixelgen.noise import Generator, categorical, randn
 
 GUIDANCE, CFG_SCHEDULES = tuple(Guidance), tuple(CFGSchedule)
 
@@ -63,7 +64,7 @@ def sample_index(logits: torch.Tensor, temperature: float, top_k: int, generator
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     logp = F.log_softmax(logits, dim=-1)
-    idx = torch.multinomial(logp.exp(), 1, generator=generator)
+    idx = categorical(logp.exp(), generator)
     return idx[:, 0], logp.gather(-1, idx)[:, 0]
 
 
@@ -202,7 +203,7 @@ def _diffusion_sampler(cfg: SamplerConfig) -> SamplerConfig:
 
 @torch.no_grad()
 def generate(model, y_B: torch.Tensor, cfg: SamplerConfig, *, objective: ObjectiveConfig,
-             generator: torch.Generator | None = None, kv_cache: bool | None = None) -> ARSamples:
+             generator: Generator = None, kv_cache: bool | None = None) -> ARSamples:
     """Sample images class-conditionally, patch by patch. `kv_cache` overrides cfg.kv_cache (None: the config's):
     without it every step runs the whole prefix again, with the same result."""
     trunk, dec = model.trunk, model.decoder
@@ -297,7 +298,7 @@ def _diffusion_patch(head, conds, scale, cfg, flow: FlowMatching, generator, B: 
     """One patch per image [B, 3, p, p], integrated from noise scaled by the decoder temperature."""
     n = len(conds)
     c = torch.cat(conds)
-    noise = torch.randn(B, 3, p, p, device=c.device, generator=generator) * flow.cfg.noise_scale * cfg.temperature
+    noise = randn((B, 3, p, p), generator, device=c.device) * flow.cfg.noise_scale * cfg.temperature
 
     def velocity(x, t_B, _y):
         xx, tt = x.repeat(n, 1, 1, 1), t_B.repeat(n)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelgen.models.config import ObjectiveConfig, ObjectiveKind, SamplerConfig, SamplerKind
+from pixelgen.noise import Generator, randn
 
 
 def time_shift(t, shift: float):
@@ -127,14 +128,14 @@ def _velocity(model, x_BCHW, t: float, y_B, null_class: int, cfg: SamplerConfig,
 
 
 @torch.no_grad()
-def sample(model, y_B, *, shape, cfg: SamplerConfig, num_classes: int, generator=None, noise=None,
+def sample(model, y_B, *, shape, cfg: SamplerConfig, num_classes: int, generator: Generator = None, noise=None,
            objective: FlowMatching | None = None):
     """Integrate the flow ODE from noise (t=0) to data (t=1); returns x_BCHW clamped to [-1, 1].
 
     shape: (C, H, W) per sample (or the full (B, C, H, W)); noise, when given, is the starting point and
-    replaces drawing from `generator` (drawn noise is scaled by the objective's noise_scale). `objective`
-    turns the network's prediction into a velocity (None: the network predicts the velocity). The model runs in whatever
-    train/eval mode the caller set. All samplers step on time_shift(linspace(0, 1, steps + 1)):
+    replaces drawing from `generator` (a torch.Generator or per-image pixelgen.noise.Streams; drawn noise is
+    scaled by the objective's noise_scale). `objective` turns the network's prediction into a velocity (None: the
+    network predicts the velocity). The model runs in whatever train/eval mode the caller set. All samplers step on time_shift(linspace(0, 1, steps + 1)):
     euler takes `steps` evaluations; heun 2 per step (the last step is Euler for x_pred, as in JiT, where the
     velocity at t = 1 divides by t_eps); ab2 one per step, Adams-Bashforth with the previous velocity (variable
     step sizes; the first step is Euler), PixelDiT's sampler.
@@ -143,7 +144,7 @@ def sample(model, y_B, *, shape, cfg: SamplerConfig, num_classes: int, generator
         raise ValueError(f"unknown sampler.kind {cfg.kind!r}; known kinds: {', '.join(SAMPLERS)}")
     if noise is None:
         shape = tuple(shape) if len(shape) == 4 else (y_B.shape[0], *shape)
-        noise = torch.randn(shape, device=y_B.device, generator=generator)
+        noise = randn(shape, generator, device=y_B.device)
         if objective is not None:
             noise = noise * objective.cfg.noise_scale
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))  # integrate in fp32 or finer
