@@ -394,3 +394,28 @@ def test_the_fid_stage_takes_a_reference_file_hashes_it_and_featurises_its_image
     assert len(calls) == 1 and np.array_equal(again["features"], ref["features"])  # cached, keyed by the file
     _reference(cfg, tmp_path, {}, out, Counting(), "other-weights")
     assert len(calls) == 2  # other Inception weights: featurised again
+
+
+def test_streamed_statistics_match_torch_fidelitys_over_all_rows_at_once():
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from pixelgen.eval.fid import Moments, summarise
+
+    rng = np.random.default_rng(0)
+    # Spread small next to the mean, where a one-pass sum of squares would cancel: the centred merge does not.
+    rows = torch.from_numpy(100.0 + 1e-3 * rng.standard_normal((257, 16)))
+    want = fid_features_to_statistics(rows)
+    moments = Moments(16)
+    for part in rows.split(50):
+        moments.update(part)
+    got = moments.statistics()
+    np.testing.assert_allclose(got["mu"], want["mu"], rtol=1e-14)
+    np.testing.assert_allclose(got["sigma"], want["sigma"], rtol=1e-8, atol=1e-14)
+    # A stream of feature chunks summarises like the same features in one dict (what the FID stage scores).
+    feats = {"2048": rows, "spatial": rows[:, :8] * 2, "logits_unbiased": rows[:, :4]}
+    whole = summarise(feats)
+    chunked = summarise({k: v[i:i + 64] for k, v in feats.items()} for i in range(0, 257, 64))
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-10, atol=1e-14)
+    assert torch.equal(chunked["logits"], whole["logits"]) and np.array_equal(chunked["features"], whole["features"])
+    assert chunked["count"] == 257

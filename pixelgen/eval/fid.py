@@ -173,6 +173,55 @@ class InceptionFeatures:
         return {name: torch.cat(values) for name, values in out.items()}
 
 
+class Moments:
+    """Count, mean and centred sum of outer products (float64) of feature rows, for the mean and covariance that
+    FID's statistics are, without keeping the rows. Each batch is centred on its own mean and merged with
+    Chan et al.'s pairwise update, which stays accurate where the one-pass sum of squares cancels (features whose
+    spread is small next to their mean). Ranks' moments merge in rank order (`gather`)."""
+
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.mean.device, torch.float64)
+        mean = rows.mean(0)
+        centred = rows - mean
+        self._merge(rows.shape[0], mean, centred.T @ centred)
+
+    def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if count == 0:
+            return
+        total = self.count + count
+        delta = mean.to(self.mean.device) - self.mean
+        self.m2 += m2.to(self.m2.device) + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def gather(self) -> None:
+        """Merge every rank's moments into the main rank's, in rank order (the others keep their own)."""
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return
+        mine = (self.count, self.mean.cpu(), self.m2.cpu())
+        rank = torch.distributed.get_rank()
+        parts = [None] * torch.distributed.get_world_size() if rank == 0 else None
+        torch.distributed.gather_object(mine, parts, dst=0)
+        if rank == 0:
+            self.count = 0
+            self.mean.zero_()
+            self.m2.zero_()
+            for count, mean, m2 in parts:
+                self._merge(count, mean, m2)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """{'mu', 'sigma'}: the mean and the unbiased covariance (np.cov's), as torch-fidelity's
+        fid_features_to_statistics gives them for the same rows."""
+        if self.count < 2:
+            raise ValueError(f"FID statistics need at least 2 images, got {self.count}")
+        return {"mu": self.mean.cpu().numpy(), "sigma": (self.m2 / (self.count - 1)).cpu().numpy()}
+
+
 def reference_statistics(features_2048: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
     """{'mu', 'sigma'} (float64) of pool3 features, via torch-fidelity."""
     features = torch.as_tensor(features_2048, dtype=torch.float64, device="cpu")
@@ -181,13 +230,51 @@ def reference_statistics(features_2048: torch.Tensor | np.ndarray) -> dict[str, 
     return fid_features_to_statistics(features)
 
 
+def summarise(chunks: Iterable[dict[str, torch.Tensor]] | dict[str, torch.Tensor], metrics: Iterable[str] = tuple(Metric),
+              keep_features: Optional[int] = None) -> dict:
+    """What `metrics` need of a set of images, from their features in one dict or a stream of chunks (one in
+    memory at a time): FID statistics (`mu`, `sigma`) and sFID's (`mu_s`, `sigma_s`) accumulated; the IS
+    logits (`logits`) and the pool3 features for precision/recall (`features`, float32; the first
+    `keep_features` only, if given) kept whole; `count`."""
+    metrics = {Metric(m) for m in metrics}
+    chunks = [chunks] if isinstance(chunks, dict) else chunks
+    moments: dict[str, Moments] = {}
+    logits, pool3, count = [], [], 0
+    for features in chunks:
+        names = [FEATURE_FID] + ([FEATURE_SFID] if Metric.sfid in metrics else [])
+        for name in names:
+            moments.setdefault(name, Moments(features[name].shape[1])).update(features[name])
+        if Metric.isc in metrics:
+            logits.append(features[FEATURE_ISC].to(torch.float64))
+        kept = sum(len(p) for p in pool3)
+        if Metric.precision_recall in metrics and (keep_features is None or kept < keep_features):
+            rows = features[FEATURE_FID] if keep_features is None else features[FEATURE_FID][:keep_features - kept]
+            pool3.append(rows.to(torch.float32))
+        count += features[FEATURE_FID].shape[0]
+    return summary_from_moments(moments, count, logits, pool3)
+
+
+def summary_from_moments(moments: dict, count: int, logits: list, pool3: list) -> dict:
+    """`summarise`'s result from its parts (the FID stage merges the moments of several ranks first)."""
+    if FEATURE_FID not in moments:
+        raise ValueError("no features to summarise: the image stream is empty")
+    out = {"count": count, **moments[FEATURE_FID].statistics()}
+    if FEATURE_SFID in moments:
+        spatial = moments[FEATURE_SFID].statistics()
+        out.update(mu_s=spatial["mu"], sigma_s=spatial["sigma"])
+    if logits:
+        out["logits"] = torch.cat(logits)
+    if pool3:
+        out["features"] = torch.cat(pool3).numpy()
+    return out
+
+
 def reference_from_features(features: dict[str, torch.Tensor], prc_images: int) -> dict[str, np.ndarray]:
     """A reference from its images' features: FID statistics (`mu`, `sigma`), sFID statistics (`mu_s`,
     `sigma_s`) and the pool3 features of the first `prc_images` images (`features`, float32) for
     precision/recall."""
-    spatial = reference_statistics(features[FEATURE_SFID])
-    return {**reference_statistics(features[FEATURE_FID]), "mu_s": spatial["mu"], "sigma_s": spatial["sigma"],
-            "features": features[FEATURE_FID][:prc_images].to(torch.float32).numpy()}
+    out = summarise(features, (Metric.fid, Metric.sfid, Metric.precision_recall), keep_features=prc_images)
+    return {k: out[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "features")}
 
 
 _REFERENCE_ARRAYS = ("mu", "sigma", "mu_s", "sigma_s", "features")
@@ -254,16 +341,16 @@ def load_reference_images(path: str) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
-def _frechet(gen: torch.Tensor, mu: np.ndarray, sigma: np.ndarray, what: str) -> float:
-    gen_stats = reference_statistics(gen)
+def _frechet(gen: dict, ref: dict, mu_key: str, sigma_key: str, what: str) -> float:
     # torch-fidelity asserts equal dtypes; statistics from elsewhere (e.g. float32 files) are cast to match.
-    ref = {"mu": np.asarray(mu, dtype=np.float64), "sigma": np.asarray(sigma, dtype=np.float64)}
-    if ref["mu"].shape != gen_stats["mu"].shape:
+    gen = {"mu": np.asarray(gen[mu_key], dtype=np.float64), "sigma": np.asarray(gen[sigma_key], dtype=np.float64)}
+    ref = {"mu": np.asarray(ref[mu_key], dtype=np.float64), "sigma": np.asarray(ref[sigma_key], dtype=np.float64)}
+    if ref["mu"].shape != gen["mu"].shape:
         raise ValueError(
             f"Reference {what} statistics have dimension {ref['mu'].shape[0]} but the generated features "
-            f"{gen_stats['mu'].shape[0]}: both must come from torch-fidelity's InceptionV3 at its own 299 px"
+            f"{gen['mu'].shape[0]}: both must come from torch-fidelity's InceptionV3 at its own 299 px"
         )
-    return fid_statistics_to_metric(gen_stats, ref, verbose=False)[KEY_METRIC_FID]
+    return fid_statistics_to_metric(gen, ref, verbose=False)[KEY_METRIC_FID]
 
 
 # What each metric needs of a loaded reference (the file's arr_0 becomes `features` once extracted).
@@ -271,19 +358,20 @@ _NEEDS = {Metric.fid: ("mu", "sigma"), Metric.isc: (), Metric.sfid: ("mu_s", "si
           Metric.precision_recall: ("features",)}
 
 
-def compute_metrics(gen_features: dict[str, torch.Tensor], ref_stats: dict[str, np.ndarray],
+def compute_metrics(generated: dict | Iterable[dict], ref_stats: dict[str, np.ndarray],
                     metrics: Iterable[str] = (Metric.fid, Metric.isc), isc_splits: int = 10) -> dict:
-    """`metrics` of the generated features against a reference (`load_statistics`' or
-    `reference_from_features`' keys), via torch-fidelity: fid; is (isc_mean, isc_std, isc_splits); sfid;
-    precision_recall (precision, recall)."""
+    """`metrics` of generated images against a reference (`load_statistics`' or `reference_from_features`'
+    keys), via torch-fidelity: fid; is (isc_mean, isc_std, isc_splits); sfid; precision_recall (precision,
+    recall). `generated`: their features (one dict or a stream of chunks) or `summarise`'s summary of them."""
     metrics = {Metric(m) for m in metrics}
     for metric in metrics:
         lacking = [k for k in _NEEDS[metric] if k not in ref_stats]
         if lacking:
             raise ValueError(f"the reference has no {', '.join(lacking)}, which {metric} needs")
-    out = {"fid": _frechet(gen_features[FEATURE_FID], ref_stats["mu"], ref_stats["sigma"], "pool3")}
+    gen = generated if isinstance(generated, dict) and "count" in generated else summarise(generated, metrics)
+    out = {"fid": _frechet(gen, ref_stats, "mu", "sigma", "pool3")}
     if Metric.isc in metrics:
-        logits = gen_features[FEATURE_ISC]
+        logits = gen["logits"]
         # Each IS split needs at least one sample; small demo runs have fewer samples than the 10 standard splits.
         splits = max(1, min(isc_splits, logits.shape[0]))
         isc = isc_features_to_metric(
@@ -291,9 +379,9 @@ def compute_metrics(gen_features: dict[str, torch.Tensor], ref_stats: dict[str, 
         )
         out.update(isc_mean=isc[KEY_METRIC_ISC_MEAN], isc_std=isc[KEY_METRIC_ISC_STD], isc_splits=splits)
     if Metric.sfid in metrics:
-        out["sfid"] = _frechet(gen_features[FEATURE_SFID], ref_stats["mu_s"], ref_stats["sigma_s"], "spatial")
+        out["sfid"] = _frechet(gen, ref_stats, "mu_s", "sigma_s", "spatial")
     if Metric.precision_recall in metrics:
-        prc = prc_features_to_metric(gen_features[FEATURE_FID].to(torch.float32),
+        prc = prc_features_to_metric(torch.as_tensor(gen["features"], dtype=torch.float32),
                                      torch.as_tensor(ref_stats["features"], dtype=torch.float32),
                                      prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10_000, save_cpu_ram=True,
                                      verbose=False)
