@@ -159,7 +159,9 @@ def print_summary(run_dir: Path, cfg, wall: float) -> None:
             name = "proxy-FID" if m.get("proxy") else "FID"
             result = f"{name} = {m.get('fid', float('nan')):.3f}, IS = {m.get('isc_mean', float('nan')):.3f}"
             if m.get("best"):
-                result += f"; sweep best {m['best']['fid']:.3f} with {m['best']['sampler']}"
+                best = m["best"]
+                weights = f" ({best['weights']})" if best.get("weights") not in (None, "ema") else ""
+                result += f"; sweep best {best['fid']:.3f} with {best['sampler']}{weights}"
         table.add_row(stage, f"{m.get('seconds', 0):.0f} s", result)
     console.print(table)
     fid = rundir.marker(run_dir, "fid") if "fid" in cfg.stages else None

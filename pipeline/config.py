@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -161,11 +161,12 @@ def validate(cfg, source: str = "config") -> None:
         fail_from(err)
     check_objective(cfg.objective, fail)
     check_sampler(cfg.sampler, fail)
-    for entry, sampler in sweep_points(cfg, source):
-        def fail_entry(key: str, value: Any, why: str, entry=entry):
+    for point in sweep_points(cfg, source):
+        def fail_entry(key: str, value: Any, why: str, entry=point.entry):
             raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: {key} = {value!r}: {why}")
 
-        check_sampler(sampler, fail_entry)
+        check_sampler(point.sampler, fail_entry)
+        check_weights(cfg, "weights", point.weights, fail_entry)
     check_fid(cfg.fid, fail)
     family = families.get(cfg.model.trunk.kind)
     family.check_experiment(cfg, fail)
@@ -180,11 +181,7 @@ def validate(cfg, source: str = "config") -> None:
         why = batch_split_error(cfg[name], cfg.launch[name].tasks)
         if why:
             fail(f"{name}.batch_size", cfg[name].batch_size, f"{why} (launch.{name}.tasks)")
-    decay = ema_decay(cfg.fid.weights)
-    last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
-    if decay is not None and decay not in [float(d) for d in cfg[last].ema_decays]:
-        fail("fid.weights", cfg.fid.weights, f"{last} keeps the EMAs of decays {list(cfg[last].ema_decays)}: "
-                                              f"name one of them (ema-<decay>), ema for the first, or model")
+    check_weights(cfg, "fid.weights", cfg.fid.weights, fail)
     if cfg.train_decoder.init_from and not Path(cfg.train_decoder.init_from).is_file():
         fail("train_decoder.init_from", cfg.train_decoder.init_from, "file does not exist")
 
@@ -207,23 +204,47 @@ def _check_stages(cfg, fail) -> None:
         fail("train_decoder.init_from", cfg.train_decoder.init_from,
              "the decoder stage needs a trunk: add train_trunk to stages or set train_decoder.init_from "
              "to an exported generator .safetensors file")
-    if "fid" in stages and not stages & {"train_trunk", "train_decoder"}:
-        fail("stages", list(cfg.stages), "the fid stage needs a trained generator: include train_trunk or train_decoder")
+    if "fid" in stages and not stages & {"train_trunk", "train_decoder"} and not Path(cfg.fid.weights).is_file():
+        fail("stages", list(cfg.stages), "the fid stage needs a trained generator: include train_trunk or "
+                                         "train_decoder, or set fid.weights to an exported .safetensors file")
 
 
-def sweep_points(cfg, source: str = "config") -> list[tuple[str, Any]]:
-    """(entry, sampler config) for each entry of fid.sweep: the run's sampler with the entry's keys set."""
+class SweepPoint(NamedTuple):
+    entry: str  # as written in fid.sweep
+    sampler: Any  # the run's sampler with the entry's sampler keys set
+    weights: str  # the entry's weights=..., else fid.weights
+
+
+def sweep_points(cfg, source: str = "config") -> list[SweepPoint]:
+    """The points of fid.sweep: each entry is space-separated sampler keys, and optionally `weights=` (a value
+    of fid.weights, e.g. ema-0.9999) to score another EMA: the CFG scale x EMA decay sweep papers tune on."""
     points = []
     for entry in cfg.fid.sweep:
         items = entry.split()
         if not items or any("=" not in item for item in items):
-            raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: write space-separated sampler keys, "
-                              f"e.g. \"guidance=semantic semantic_cfg_scale=2.0\"")
+            raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: write space-separated sampler keys "
+                              f"and optionally weights=..., e.g. \"guidance=semantic semantic_cfg_scale=2.0\" or "
+                              f"\"cfg_scale=1.5 weights=ema-0.9999\"")
+        weights = [item.split("=", 1)[1] for item in items if item.startswith("weights=")]
+        keys = [item for item in items if not item.startswith("weights=")]
         try:
-            points.append((entry, OmegaConf.merge(cfg.sampler, OmegaConf.from_dotlist(items))))
+            sampler = OmegaConf.merge(cfg.sampler, OmegaConf.from_dotlist(keys))
         except OmegaConfBaseException as err:
             raise _explain(err, f"{source}: key 'fid.sweep' entry {entry!r}") from None
+        points.append(SweepPoint(entry, sampler, weights[-1] if weights else cfg.fid.weights))
     return points
+
+
+def check_weights(cfg, key: str, weights: str, fail) -> None:
+    """`weights` (fid.weights or a sweep entry's weights=) names what the last training stage exports."""
+    last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
+    decay = ema_decay(weights)
+    if decay is not None and decay not in [float(d) for d in cfg[last].ema_decays]:
+        fail(key, weights, f"{last} keeps the EMAs of decays {list(cfg[last].ema_decays)}: name one of them "
+                           f"(ema-<decay>), ema for the first, or model")
+    elif not (weights in ("ema", "model") or decay is not None or Path(weights).expanduser().is_file()):
+        fail(key, weights, "must be ema, ema-<decay> (one of the training stage's ema_decays), model, or an "
+                           "existing .safetensors file")
 
 
 def to_yaml(cfg) -> str:

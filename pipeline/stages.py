@@ -4,7 +4,10 @@ stage resumes from what is on disk."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -13,17 +16,19 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline import rundir
-from pipeline.config import ConfigError, sweep_points, to_container
+from pipeline.config import ConfigError, SweepPoint, sweep_points, to_container
 from pixelgen import families
 from pixelgen.data import loader as data_loader
 from pixelgen.data import shards as data_shards
 from pixelgen.data import to_float
-from pixelgen.engine.dist import init_distributed
+from pixelgen.engine.dist import barrier, init_distributed
 from pixelgen.engine.export import MODEL_FILE, PRIMARY_EMA, ema_filename, load_weights, weights_metadata
-from pixelgen.engine.train import TrainTask, run_training
+from pixelgen.engine.train import PreemptionFlag, TrainTask, run_training
 from pixelgen.eval import fid as fid_lib
+from pixelgen.eval import sampling
+from pixelgen.eval.sampling import Plan
 from pixelgen.eval.config import SPLIT_REFERENCES, Metric, ema_decay, missing_reference_keys
-from pixelgen.io import atomic_write_file, atomic_write_json, sha256_file
+from pixelgen.io import atomic_write_json, sha256_file
 from pixelgen.precision import use_bf16
 from pixelgen.progress import console, report
 from pixelgen.viz import save_grid, to_uint8
@@ -166,12 +171,12 @@ def stage_train_decoder(cfg, run_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ fid
-def _generator_weights(cfg, run_dir: Path) -> Path:
-    """The file `fid.weights` names: an export of the last training stage (its first EMA, the EMA of a given
-    decay, or the trained weights) or a file of its own."""
+def _generator_weights(cfg, run_dir: Path, weights: str | None = None) -> Path:
+    """The file `weights` (a sweep entry's; default fid.weights) names: an export of the last training stage
+    (its first EMA, the EMA of a given decay, or the trained weights) or a file of its own."""
     last = "train_decoder" if "train_decoder" in cfg.stages else "train_trunk"
     export = rundir.stage_dir(run_dir, last) / "export"
-    weights = cfg.fid.weights
+    weights = cfg.fid.weights if weights is None else weights
     if weights in ("ema", "model"):
         return export / (PRIMARY_EMA if weights == "ema" else MODEL_FILE)
     decay = ema_decay(weights)
@@ -181,24 +186,94 @@ def _generator_weights(cfg, run_dir: Path) -> Path:
     return Path(weights).expanduser()
 
 
-def _cached(path: Path, meta: dict, needs: set, compute) -> tuple[dict, dict]:
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _from_main(value):
+    """The main rank's `value`, on every rank (what it found on disk, so that all ranks act on one view)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _cached(path: Path, meta: dict, needs: set, compute) -> tuple[dict | None, dict | None]:
     """(reference, meta) from the cache at `path` when it was made with `meta` and holds the arrays `needs`;
-    otherwise `compute()` -> (reference, more meta), saved there first."""
-    if path.exists():
+    otherwise `compute()` -> (reference, more meta), which every rank calls (it may share the work) and whose
+    result on the main rank is saved there first. Other ranks get (None, None): only the main rank scores."""
+    hit = None
+    if _is_main() and path.exists():
         ref, saved = fid_lib.load_statistics(path)
         if {k: saved.get(k) for k in meta} == meta and needs <= ref.keys():
-            return ref, saved
+            hit = ref, saved
+    if _from_main(hit is not None):
+        return hit if _is_main() else (None, None)
     ref, extra = compute()
+    if not _is_main():
+        return None, None
     saved = {**meta, **extra}
     fid_lib.save_statistics(path, ref, saved)
     return ref, saved
 
 
+def _split_features(cfg, run_dir: Path, manifest: dict, split: str, extractor) -> tuple[dict, dict]:
+    """A split's reference, computed by all ranks together: each featurises every world-size-th shard (one
+    pipeline per shard, so batches never depend on the rank count) and the moments merge on the main rank,
+    with the pool3 features of the first fid.reference_images images for precision/recall."""
+    fid = cfg.fid
+    shards = manifest["splits"][split]["shards"]
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    counts = np.cumsum([s["count"] for s in shards])
+    prc_shards = int(np.searchsorted(counts, fid.reference_images)) + 1  # the shards holding the first images
+    moments = {name: None for name in (fid_lib.FEATURE_FID, fid_lib.FEATURE_SFID)}
+    prc: dict[int, torch.Tensor] = {}
+    mine = list(range(rank, len(shards), world))
+    for index in report(mine, len(mine), f"reference: Inception features of the {split} split (rank {rank})",
+                        unit="shards"):
+        batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, fid.batch_size,
+                                           resolution=cfg.data.resolution, shards=[index])
+        features = extractor.extract(batches)
+        for name in moments:
+            moments[name] = moments[name] or fid_lib.Moments(features[name].shape[1], extractor.device)
+            moments[name].update(features[name])
+        if index < prc_shards:
+            prc[index] = features[fid_lib.FEATURE_FID].to(torch.float32)
+    for m in moments.values():
+        m.gather()
+    if world > 1:
+        parts = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(prc, parts, dst=0)
+        prc = {k: v for part in parts for k, v in part.items()} if rank == 0 else {}
+    if rank != 0:
+        return {}, {}
+    pool3 = [prc[k] for k in sorted(prc)]
+    summary = fid_lib.summary_from_moments(moments, moments[fid_lib.FEATURE_FID].count, [], pool3)
+    ref = {k: summary[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+    ref["features"] = summary["features"][:fid.reference_images]
+    return ref, {"count": summary["count"]}
+
+
+def _reference_cache(cfg, run_dir: Path, out: Path, name: str) -> Path:
+    """Beside the shards (once per shard set, for every run that uses them) when that folder is writable, else
+    in the stage's folder."""
+    beside = shard_dir(cfg, run_dir) / "fid_reference"
+    try:
+        beside.mkdir(exist_ok=True)
+        writable = os.access(beside, os.W_OK)
+    except OSError:
+        writable = False
+    return (beside if writable else out) / name
+
+
 def _reference(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights_sha256: str):
     """(reference, images its statistics summarise or None when unknown, its protocol entries) for
-    `fid.reference`: a split's features, cached next to the metrics with what made them (the shards' hashes, the
-    Inception weights', the precision/recall image count) and recomputed when any changed; or a reference file,
-    whose images (ADM's arr_0) are featurised once for precision/recall and cached the same way."""
+    `fid.reference`: a split's statistics, computed by all ranks and cached beside the shards with what made
+    them (the shards' hashes, the Inception weights', the precision/recall image count), recomputed when any
+    changed; or a reference file, whose images (ADM's arr_0) are featurised once for precision/recall and
+    cached the same way. The reference is the main rank's alone (None elsewhere)."""
     fid = cfg.fid
     if fid.reference in SPLIT_REFERENCES:
         split = fid.reference
@@ -206,85 +281,34 @@ def _reference(cfg, run_dir: Path, manifest: dict, out: Path, extractor, weights
             raise ConfigError(f"key 'fid.reference' = {split!r}: the shards in {shard_dir(cfg, run_dir)} hold the "
                               f"splits {sorted(manifest['splits'])}: add {split!r} to shard.splits and reshard, or "
                               f"set fid.reference to one of them or to a reference .npz file")
-
-        def from_split():
-            batches = data_loader.eval_batches(shard_dir(cfg, run_dir), split, fid.batch_size,
-                                               resolution=cfg.data.resolution)
-            total = -(-manifest["splits"][split]["totals"]["count"] // fid.batch_size)
-            feats = extractor.extract(batches, progress=True, total=total)
-            return (fid_lib.reference_from_features(feats, fid.reference_images),
-                    {"count": feats[fid_lib.FEATURE_FID].shape[0]})
-
         meta = {"split": split, "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
                 "weights": weights_sha256, "prc_images": fid.reference_images}
-        ref, saved = _cached(out / f"reference_{split}.npz", meta, {"mu_s", "features"}, from_split)
-        return ref, saved.get("count"), {"reference": split}
+        digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        path = _reference_cache(cfg, run_dir, out, f"{split}-{digest}.npz")
+        ref, saved = _cached(path, meta, {"mu_s", "features"},
+                             lambda: _split_features(cfg, run_dir, manifest, split, extractor))
+        return ref, saved and saved.get("count"), {"reference": split, "reference_cache": str(path)}
 
     path = str(Path(fid.reference).expanduser())
     why = missing_reference_keys(path, fid.metrics)  # checked when the config was loaded; the file may have changed
     if why:
         raise ConfigError(f"key 'fid.reference' = {fid.reference!r}: {why}")
     sha = sha256_file(path)
-    ref, _ = fid_lib.load_statistics(path)
+    desc = {"reference": "file", "reference_file": str(Path(path).resolve()), "reference_sha256": sha}
+    ref = fid_lib.load_statistics(path)[0] if _is_main() else None
     if Metric.precision_recall in fid.metrics:
-        def from_images():
+        def from_images():  # 10k images: the main rank alone
+            if not _is_main():
+                return {}, {}
             batches = fid_lib.load_reference_images(path).split(fid.batch_size)
             feats = extractor.extract(batches, progress=True, total=len(batches))
             return fid_lib.reference_from_features(feats, feats[fid_lib.FEATURE_FID].shape[0]), {}
 
         meta = {"file_sha256": sha, "weights": weights_sha256}
-        ref["features"] = _cached(out / "reference_file_features.npz", meta, {"features"}, from_images)[0]["features"]
-    return ref, None, {"reference": "file", "reference_file": str(Path(path).resolve()), "reference_sha256": sha}
-
-
-class _Scorer:
-    """Class-balanced samples from one generator, seeded so that a rerun draws the same images, scored against
-    the reference statistics."""
-
-    def __init__(self, cfg, model, extractor, ref_stats, device):
-        self.cfg, self.model, self.extractor, self.ref_stats, self.device = cfg, model, extractor, ref_stats, device
-        n_cls, per = cfg.model.num_classes, cfg.fid.samples_per_class
-        self.labels = torch.arange(n_cls).repeat_interleave(per)
-        self.show = min(per, 8)  # per class in the grids, one class per row
-        self.grid_idx = torch.cat([torch.arange(c * per, c * per + self.show) for c in range(min(n_cls, 16))])
-
-    def __call__(self, sampler_cfg, what: str) -> tuple[torch.Tensor, dict]:
-        bs, n = self.cfg.fid.batch_size, self.labels.numel()
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.fid.seed)
-        draw = families.get(self.cfg.model.trunk.kind).sampler(self.cfg, sampler_cfg)
-        chunks, t0 = [], time.monotonic()
-
-        def rate() -> str:
-            return f"{sum(len(c) for c in chunks) / max(time.monotonic() - t0, 1e-9):.2f} images/s"
-
-        # A live bar on a terminal, a line with the rate and the ETA every 30 s in a SLURM log.
-        starts = range(0, n, bs)
-        for i in report(starts, len(starts), f"sampling {n} images{what}", unit="batches", extra=rate):
-            y = self.labels[i:i + bs].to(self.device)
-            chunks.append(to_uint8(draw(self.model, y, g)).cpu())
-        images = torch.cat(chunks)
-        batches = [images[i:i + bs] for i in range(0, len(images), bs)]
-        feats = self.extractor.extract(batches, progress=True, total=len(batches))
-        return images, fid_lib.compute_metrics(feats, self.ref_stats, self.cfg.fid.metrics)
-
-    def grid(self, images: torch.Tensor, path: Path) -> Path:
-        return save_grid(images[self.grid_idx], path, nrow=self.show)
-
-
-def _sweep(cfg, out: Path, score: _Scorer) -> list[dict]:
-    """The sweep's points, each kept as it finishes so that a restarted stage goes on from the next one."""
-    rows = []
-    points = sweep_points(cfg)
-    for k, (entry, sampler_cfg) in enumerate(points, start=1):
-        point_path = out / "sweep" / f"point{k:03d}.json"
-        done = json.loads(point_path.read_text()) if point_path.is_file() else None
-        if done is None or done["sampler"] != entry:
-            images, metrics = score(sampler_cfg, f" ({entry}; sweep {k}/{len(points)})")
-            done = {"sampler": entry, **{k: v for k, v in metrics.items() if k != "isc_splits"},
-                    "sample_grid": str(score.grid(images, out / "sweep" / f"point{k:03d}.png"))}
-            atomic_write_json(point_path, done)
-        rows.append(done)
-    return rows
+        cached, _ = _cached(out / "reference_file_features.npz", meta, {"features"}, from_images)
+        if ref is not None:
+            ref["features"] = cached["features"]
+    return ref, None, desc
 
 
 _SWEEP_COLUMNS = (("fid", None), ("isc_mean", "IS"), ("sfid", "sFID"), ("precision", "precision"),
@@ -296,59 +320,146 @@ def _print_sweep(sweep: list[dict], metric_name: str, images: int) -> None:
 
     table = Table(title=f"{metric_name} sweep ({images} images each)")
     columns = [(key, title or metric_name) for key, title in _SWEEP_COLUMNS if key in sweep[0]]
-    for col in ("sampler", *(title for _, title in columns)):
+    for col in ("sampler", "weights", *(title for _, title in columns)):
         table.add_column(col)
     for row in sweep:
-        table.add_row(row["sampler"] or "(config)", *(f"{row[key]:.3f}" if key in row else "-" for key, _ in columns))
+        table.add_row(row["sampler"] or "(config)", row["weights"],
+                      *(f"{row[key]:.3f}" if key in row else "-" for key, _ in columns))
     console.print(table)
+
+
+class _Points:
+    """Scores the points of a run (the config's sampler, then each fid.sweep entry): each drawn in chunks by
+    every rank, scored by the main rank, kept as it finishes so that a restarted stage goes on from there."""
+
+    def __init__(self, cfg, run_dir: Path, out: Path, extractor, ref_stats, proto: dict):
+        self.cfg, self.run_dir, self.out, self.extractor, self.ref_stats = cfg, run_dir, out, extractor, ref_stats
+        self.proto = proto
+        self.dist = init_distributed()
+        self.model, self.model_path, self.model_sha = None, None, None
+
+    def _generator(self, path: Path):
+        if path != self.model_path:
+            self.model = None  # one generator in memory at a time
+            self.model = _load_generator(self.cfg, path).to(self.dist.device).eval()
+            self.model_path, self.model_sha = path, _from_main(sha256_file(path) if _is_main() else None)
+        return self.model
+
+    def plan(self, point: SweepPoint, gen_sha: str) -> Plan:
+        cfg = self.cfg
+        key = {"sampler": to_container(point.sampler), "generator_sha256": gen_sha, "model": to_container(cfg.model),
+               "resolution": cfg.data.resolution, "inception_sha256": self.proto["weights_sha256"],
+               "sampling_precision": "bf16" if use_bf16(point.sampler.precision, self.dist.device) else "fp32"}
+        return Plan(cfg.model.num_classes, cfg.fid.samples_per_class, cfg.fid.chunk_size, cfg.fid.batch_size,
+                    cfg.fid.seed, key)
+
+    def score(self, k: int, point: SweepPoint, total: int) -> dict | None:
+        """Point k's record (None on ranks other than the main one). Raises StagePreempted after finishing
+        the chunk in hand when a preemption signal arrived."""
+        out, cfg = self.out, self.cfg
+        record_path = out / "points" / f"point{k:03d}.json"
+        gen_path = _generator_weights(cfg, self.run_dir, point.weights)
+        gen_sha = _from_main(sha256_file(gen_path) if _is_main() else None)
+        plan = self.plan(point, gen_sha)
+        expected = json.loads(json.dumps(plan.as_json()))
+        done = None
+        if _is_main() and record_path.is_file():
+            saved = json.loads(record_path.read_text())
+            done = saved if saved.get("plan") == expected else None
+        if _from_main(done is not None):
+            return done
+        folder = out / "chunks" / f"point{k:03d}"
+        todo = _from_main(sampling.open_plan(folder, plan) if _is_main() else None)
+        rank, world = self.dist.rank, self.dist.world_size
+        what = f" ({point.entry}; sweep {k}/{total - 1})" if k else ""
+        if _is_main():
+            console.print(f"sampling {plan.num_samples} images in {plan.num_chunks} chunks{what}: "
+                          f"{plan.num_chunks - len(todo)} on disk, {len(todo)} to draw on {world} rank(s)",
+                          soft_wrap=True)
+        draw = families.get(cfg.model.trunk.kind).sampler(cfg, point.sampler)
+        model = self._generator(gen_path)
+        flag = PreemptionFlag()
+        try:
+            finished = sampling.draw_chunks(folder, plan, todo[rank::world], draw, model, self.extractor,
+                                            self.dist.device, stop=lambda: flag.raised,
+                                            desc=f"sampling{what} (rank {rank})")
+        finally:
+            flag.restore()
+        if not finished:
+            raise StagePreempted(f"fid stopped on a preemption signal with {len(list(folder.glob('chunk*.npz')))} of "
+                                 f"{plan.num_chunks} chunks of point {k} on disk; rerun to resume (a SLURM job "
+                                 f"requeues itself)")
+        barrier()  # every chunk on disk
+        if not _is_main():
+            return None
+        labels = torch.cat([sampling.read_chunk(sampling.chunk_path(folder, c))["labels"]
+                            for c in range(plan.num_chunks)])
+        counts = torch.bincount(labels, minlength=plan.num_classes)
+        metrics = fid_lib.compute_metrics(sampling.feature_chunks(folder, plan), self.ref_stats, cfg.fid.metrics)
+        images, per_row = sampling.grid_images(folder, plan)
+        grid = save_grid(images, out / ("samples.png" if k == 0 else f"points/point{k:03d}.png"), nrow=per_row)
+        if k == 0:  # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators
+            sampling.write_samples_npz(folder, plan, out / "samples.npz")
+        record = {"sampler": point.entry, "weights": point.weights, **{m: v for m, v in metrics.items()
+                                                                        if m != "isc_splits"},
+                  "isc_splits": metrics.get("isc_splits"), "generator_weights": str(gen_path),
+                  "generator_step": weights_metadata(gen_path).get("step"),  # the training step they come from
+                  "class_counts": {"min": int(counts.min()), "max": int(counts.max())},
+                  "sample_grid": str(grid), "plan": expected}
+        atomic_write_json(record_path, record)
+        shutil.rmtree(folder)  # its numbers are in the record, its images (point 0) in samples.npz
+        return record
 
 
 def stage_fid(cfg, run_dir: Path) -> dict:
     manifest = _checked_manifest(cfg, run_dir)
     out = rundir.stage_dir(run_dir, "fid")
     out.mkdir(parents=True, exist_ok=True)
-    weights, is_proxy = fid_lib.resolve_inception_weights(cfg.fid, out)
     dist = init_distributed()
+    weights, is_proxy = fid_lib.resolve_inception_weights(cfg.fid, out)
     extractor = fid_lib.InceptionFeatures(weights, device=dist.device, batch_size=cfg.fid.batch_size)
     proto = fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)  # hashes the weights file once
     ref_stats, num_ref, ref_desc = _reference(cfg, run_dir, manifest, out, extractor, proto["weights_sha256"])
 
-    gen_path = _generator_weights(cfg, run_dir)
-    model = _load_generator(cfg, gen_path).to(dist.device).eval()
-    score = _Scorer(cfg, model, extractor, ref_stats, dist.device)
-    images, metrics = score(cfg.sampler, "")
-    # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators.
-    atomic_write_file(out / "samples.npz",
-                      lambda f: np.savez(f, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=score.labels.numpy()))
-    grid = score.grid(images, out / "samples.png")
-    points = _sweep(cfg, out, score)
-    sweep = [{"sampler": "", **{k: v for k, v in metrics.items() if k != "isc_splits"}, "sample_grid": str(grid)},
-             *points]
-    if points:
-        _print_sweep(sweep, proto["metric_name"], len(images))
+    points = [SweepPoint("", cfg.sampler, cfg.fid.weights), *sweep_points(cfg)]
+    scorer = _Points(cfg, run_dir, out, extractor, ref_stats, proto)
+    rows = [scorer.score(k, point, len(points)) for k, point in enumerate(points)]
+    if not _is_main():
+        return {"rank": dist.rank}
+    main = rows[0]
+    metrics = {k: main[k] for k in ("fid", "isc_mean", "isc_std", "isc_splits", "sfid", "precision", "recall")
+               if main.get(k) is not None}
+    num_gen = cfg.model.num_classes * cfg.fid.samples_per_class
+    sweep = [{k: v for k, v in row.items() if k != "plan"} for row in rows]
+    if len(points) > 1:
+        _print_sweep(sweep, proto["metric_name"], num_gen)
 
-    proto = {**proto, **ref_desc, "num_gen": len(images), "num_ref": num_ref,
-             "num_ref_precision_recall": len(ref_stats["features"]) if "features" in ref_stats else None}
+    proto = {**proto, **ref_desc, "num_gen": num_gen, "num_ref": num_ref,
+             "num_ref_precision_recall": len(ref_stats["features"]) if "features" in ref_stats else None,
+             "class_counts": main["class_counts"], "chunk_size": cfg.fid.chunk_size,
+             "batch_size": cfg.fid.batch_size, "ranks": dist.world_size,
+             "noise": "per image: seeded by (fid.seed, image index), whatever the batch or rank"}
     result = {
         "metric_name": proto["metric_name"],
         "proxy": is_proxy,
         **metrics,
         "protocol": proto,
-        "generator_weights": str(gen_path),
-        "generator_step": weights_metadata(gen_path).get("step"),  # the training step the weights come from
+        "generator_weights": main["generator_weights"],
+        "generator_step": main["generator_step"],
         "sampler": to_container(cfg.sampler),
-        "sampling_precision": "bf16" if use_bf16(cfg.sampler.precision, dist.device) else "fp32",
+        "sampling_precision": main["plan"]["key"]["sampling_precision"],
         "samples_npz": str(out / "samples.npz"),
-        "sample_grid": str(grid),
-        **({"sweep": sweep} if points else {}),
+        "sample_grid": main["sample_grid"],
+        **({"sweep": sweep} if len(points) > 1 else {}),
     }
     atomic_write_json(out / "metrics.json", result)
     summary = {"metric_name": proto["metric_name"], "proxy": is_proxy,
                **{k: metrics[k] for k in ("fid", "isc_mean", "sfid", "precision", "recall") if k in metrics},
-               "reference": ref_desc["reference"], "metrics": str(out / "metrics.json"), "sample_grid": str(grid)}
-    if points:
+               "reference": ref_desc["reference"], "metrics": str(out / "metrics.json"),
+               "sample_grid": main["sample_grid"]}
+    if len(points) > 1:
         best = min(sweep, key=lambda row: row["fid"])
-        summary["best"] = {"sampler": best["sampler"] or "(config)", "fid": best["fid"]}
+        summary["best"] = {"sampler": best["sampler"] or "(config)", "weights": best["weights"], "fid": best["fid"]}
     return summary
 
 

@@ -37,6 +37,8 @@ def atomic_write_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> P
     def to_file(tmp: str) -> None:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it count as complete
 
     return atomic_write(path, to_file)
 

@@ -159,7 +159,9 @@ def test_job_scripts_for_pyxis(tmp_path, fake_imagenet):
     teardown = train.split("# teardown")[1]
     assert '[ "$rc" -eq 75 ]' in teardown and 'scontrol requeue "$SLURM_JOB_ID"' in teardown
     assert "#SBATCH --array=0-1%2" in s["shard"] and "--gpus-per-node" not in s["shard"]
-    assert "#SBATCH --gpus-per-node=1" in s["fid"] and "#SBATCH --ntasks-per-node=1" in s["fid"]
+    # The FID stage runs one rank per GPU too, on nodes.fid nodes (default 1).
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4"):
+        assert line in s["fid"].splitlines(), line
     # Owner-only folders: the pickled jobs are code.
     for folder in (run, run / "submitit"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
@@ -228,6 +230,14 @@ def test_training_progress_reads_the_newest_records(tmp_path):
     assert cluster.training_progress(run, cfg, "train_trunk") == "step 30/100 (30%), loss 0.1000, ETA 0:35"
     assert cluster.training_progress(run, cfg, "train_trunk", eta=False) == "step 30/100 (30%), loss 0.1000"
     assert cluster.training_progress(run, cfg, "fid") == ""
+    # The FID stage's progress is its chunks on disk (written atomically, so a file is a finished chunk).
+    from pixelgen.eval import sampling
+
+    folder = run / "fid" / "chunks" / "point001"
+    sampling.open_plan(folder, sampling.Plan(4, 5, 4, 2, 0, {}))
+    for k in range(2):
+        sampling.chunk_path(folder, k).write_bytes(b"")
+    assert cluster.training_progress(run, cfg, "fid") == "point 1, 2/5 chunks (40%)"
     assert _states(run)["train_trunk"]["detail"] == "step 30/100 (30%), loss 0.1000"  # a local run: started
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.cluster.profile import TRAIN_STAGES, ClusterProfile, tasks_per_node
+from pipeline.cluster.profile import RANKED_STAGES, ClusterProfile, tasks_per_node
 from pixelgen import families
 
 # `pixelgen stage` and a stage's SLURM job exit with this after saving a checkpoint on a preemption signal
@@ -67,9 +67,9 @@ def requeue_lines(p: ClusterProfile) -> list[str]:
 
 def job_parameters(cfg, run_dir: Path, p: ClusterProfile, stage: str, dependency: str | None) -> dict:
     """submitit SlurmExecutor parameters for one stage's job."""
-    tasks = tasks_per_node(p) if stage in TRAIN_STAGES else 1
-    nodes = getattr(p.nodes, stage) if stage in TRAIN_STAGES else 1
-    gpus = {"shard": 0, "fid": min(1, p.gpus_per_node)}.get(stage, p.gpus_per_node)
+    tasks = tasks_per_node(p) if stage in RANKED_STAGES else 1
+    nodes = getattr(p.nodes, stage) if stage in RANKED_STAGES else 1
+    gpus = 0 if stage == "shard" else p.gpus_per_node
     cpus = p.cpus_per_node if stage == "shard" else max(1, p.cpus_per_node // tasks_per_node(p))
     extra = {**{k.replace("_", "-"): v for k, v in p.sbatch.items()}, "requeue": True}
     # The signal goes to the srun tasks (no "B:"), where the training engine and the stage job listen.

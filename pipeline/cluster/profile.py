@@ -20,6 +20,7 @@ from pixelgen.engine.config import batch_split_error
 SIGNALS = ("USR2", "TERM")  # the training engine's preemption flag listens to both
 RUNTIMES = ("none", "pyxis", "apptainer")
 TRAIN_STAGES = ("train_trunk", "train_decoder")
+RANKED_STAGES = (*TRAIN_STAGES, "fid")  # stages whose job runs one rank per GPU on nodes.<stage> nodes
 # sbatch options the pipeline sets itself; a profile's `sbatch:` may not override them.
 _MANAGED = {"array", "dependency", "kill-on-invalid-dep", "signal", "output", "error", "open-mode", "job-name",
             "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "mem", "time", "partition", "account",
@@ -38,8 +39,11 @@ class StageTimes:
 
 @dataclass
 class TrainNodes:
+    """Nodes of each multi-rank stage's job (one rank per GPU on each)."""
+
     train_trunk: int = 1
     train_decoder: int = 1
+    fid: int = 1
 
 
 @dataclass
@@ -135,7 +139,7 @@ def validate_profile(p: ClusterProfile, source: str) -> None:
             fail(f"time_min.{stage}", getattr(p.time_min, stage), "must be at least 1 minute")
         if p.signal_lead_s >= 60 * getattr(p.time_min, stage):
             fail("signal_lead_s", p.signal_lead_s, f"must be shorter than time_min.{stage}")
-    for stage in TRAIN_STAGES:
+    for stage in RANKED_STAGES:
         if getattr(p.nodes, stage) < 1:
             fail(f"nodes.{stage}", getattr(p.nodes, stage), "must be >= 1")
     clash = sorted(k for k in p.sbatch if k.replace("_", "-") in _MANAGED)
@@ -159,8 +163,8 @@ def tasks_per_node(p: ClusterProfile) -> int:
 
 
 def world_size(p: ClusterProfile, stage: str) -> int:
-    """Ranks of a training stage's job (one per GPU), or 1."""
-    return getattr(p.nodes, stage) * tasks_per_node(p) if stage in TRAIN_STAGES else 1
+    """Ranks of a training or FID stage's job (one per GPU), or 1."""
+    return getattr(p.nodes, stage) * tasks_per_node(p) if stage in RANKED_STAGES else 1
 
 
 def check_experiment(cfg, p: ClusterProfile, source: str) -> None:

@@ -95,6 +95,8 @@ def training_progress(run_dir: Path, cfg, stage: str, eta: bool = True) -> str:
     noise) and knows nothing of queueing or restarts to come."""
     from pipeline import rundir
 
+    if stage == "fid":
+        return fid_progress(rundir.stage_dir(run_dir, stage))
     if stage not in TRAIN_STAGES:
         return ""
     try:
@@ -122,6 +124,21 @@ def training_progress(run_dir: Path, cfg, stage: str, eta: bool = True) -> str:
     if eta and times and step < total:
         parts.append(f"ETA {_fmt_seconds((total - step) * statistics.median(times))}")
     return ", ".join(parts)
+
+
+def fid_progress(fid_dir: Path) -> str:
+    """'point 1, 37/100 chunks (37%)' from the FID stage's chunk folders (the points scored are in points/), or
+    '' before sampling starts."""
+    scored = len(list((fid_dir / "points").glob("point*.json")))
+    for folder in sorted((fid_dir / "chunks").glob("point*")):
+        try:
+            plan = json.loads((folder / "plan.json").read_text())
+        except (OSError, ValueError):
+            continue
+        total = -(-plan["num_classes"] * plan["per_class"] // plan["chunk_size"])
+        done = len(list(folder.glob("chunk*.npz")))
+        return f"point {int(folder.name[5:])}, {done}/{total} chunks ({100 * done // max(total, 1)}%)"
+    return f"{scored} point(s) scored" if scored else ""
 
 
 def stage_states(run_dir: Path, cfg) -> list[dict]:

@@ -347,9 +347,10 @@ def _eval_sample(sample: dict, target: _Target) -> tuple[np.ndarray, int, str]:
 
 
 def eval_batches(
-    shard_dir: str, split: str, batch_size: int, resolution: int | None = None
+    shard_dir: str, split: str, batch_size: int, resolution: int | None = None, shards: list[int] | None = None
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Every sample of `split` exactly once, in manifest order, as (images_uint8 [B, 3, H, W], labels [B]).
+    """Every sample of `split` exactly once, in manifest order, as (images_uint8 [B, 3, H, W], labels [B]);
+    only the shards numbered `shards` (their manifest positions), if given.
 
     Each iteration is a fresh deterministic pass; the last batch may be smaller. `resolution` is as
     for `train_loader`.
@@ -357,8 +358,9 @@ def eval_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     target = _target(shard_dir, read_manifest(shard_dir), resolution)
+    paths = shard_paths(shard_dir, split)
     return wds.DataPipeline(
-        wds.SimpleShardList(shard_paths(shard_dir, split)),
+        wds.SimpleShardList(paths if shards is None else [paths[i] for i in shards]),
         wds.tarfile_to_samples(),
         wds.map(functools.partial(_eval_sample, target=target)),
         wds.batched(batch_size, collation_fn=_collate, partial=True),

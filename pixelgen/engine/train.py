@@ -99,7 +99,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     }
 
 
-class _PreemptionFlag:
+class PreemptionFlag:
     """Signal handlers only set a flag; the loop acts on it at a step boundary, on all ranks together."""
 
     CHECK_EVERY = 10
@@ -219,7 +219,7 @@ class _Run:
     log: MetricsLogger
     nonfinite: _NonFinite
     data: Iterator[tuple[torch.Tensor, torch.Tensor]]
-    flag: _PreemptionFlag
+    flag: PreemptionFlag
     peak: float | None
     meter: _Meter
     step: int  # optimizer steps done
@@ -299,7 +299,7 @@ def _setup(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: Logging
                         config=run_config, resume_step=step, run_id=client.get("wandb_id"))
     nonfinite = _NonFinite(dist.device, cfg.max_nonfinite_steps, client.get("skipped_steps", 0))
     data = task.data_fn(micro, dist.rank, dist.world_size, client["data"]["start_batch"] if client else 0)
-    flag = _PreemptionFlag()
+    flag = PreemptionFlag()
     peak = flops.peak_tflops(dist.device, cfg.peak_tflops)
     meter = _Meter()
     # FLOPs are counted in the first step of a fresh run and kept in the checkpoints: counting adds autograd

@@ -42,8 +42,12 @@ class FIDConfig:
     # them, e.g. ema-0.9996), model (the trained weights, not averaged), or a .safetensors file of any export.
     weights: str = "ema"
     seed: int = 0
+    # Images per chunk file: the unit of work ranks share, of resumption (a preempted stage finishes its chunk;
+    # a killed one loses at most one per rank) and of host memory. Best a multiple of batch_size.
+    chunk_size: int = 500
     # More sampler settings to score after `sampler`'s, against the same reference statistics: each entry is
-    # space-separated sampler keys, e.g. "guidance=semantic semantic_cfg_scale=2.0" or "cfg_scale=1.5".
+    # space-separated sampler keys, e.g. "guidance=semantic semantic_cfg_scale=2.0" or "cfg_scale=1.5", and
+    # optionally weights=<a value of fid.weights> ("cfg_scale=1.5 weights=ema-0.9999": CFG scale x EMA decay).
     sweep: list[str] = field(default_factory=list)
 
 
@@ -55,10 +59,8 @@ def check_fid(fid: FIDConfig, fail) -> None:
     unknown = [m for m in fid.metrics if m not in set(Metric)]
     if unknown:
         fail("fid.metrics", list(fid.metrics), f"unknown metric(s) {unknown}; known metrics: {', '.join(Metric)}")
-    if not (fid.weights in ("ema", "model") or ema_decay(fid.weights) is not None
-            or os.path.isfile(os.path.expanduser(fid.weights))):
-        fail("fid.weights", fid.weights, "must be ema, ema-<decay> (one of the training stage's ema_decays), model, "
-                                         "or an existing .safetensors file")
+    if fid.chunk_size < 1:
+        fail("fid.chunk_size", fid.chunk_size, "must be at least 1 image")
     if fid.reference_images < 2:
         fail("fid.reference_images", fid.reference_images, "must be at least 2")
     if fid.reference not in SPLIT_REFERENCES:
