@@ -45,7 +45,8 @@ The cases (GPU mode, the default where CUDA is available):
              CUDNN_ATTENTION, MATH) and which kernel the default dispatch ran, for the raw shape and for
              pixelgen's padded call (the aten op and the CUDA kernel in torch.profiler). On the CPU only the
              prediction.
-  5. sampling the family's sampler (families.get(kind).sampler(cfg): the FID stage's draw) for PixelDiT-XL, random
+  5. sampling the family's sampler (families.get(kind).sampler(cfg) with per-image noise streams: the FID
+             stage's draw, pixelgen/eval/sampling.py) for PixelDiT-XL, random
              weights, heun 50 steps, CFG 1.5 on the config's interval, sampler.precision bf16 (batch 64 and 16)
              and fp32 (batch 16, to keep the run short): images/s after a one-step warm-up call, and the hours
              50 000 images (an FID-50k) take on one GPU at that rate.
@@ -111,6 +112,7 @@ from pixelgen.models import SIZES  # noqa: E402
 from pixelgen.models.config import ModelConfig  # noqa: E402
 from pixelgen.models.layers import Attention, sdpa, sdpa_cuda_kernel, sdpa_head_dim  # noqa: E402
 from pixelgen.models.memory import GiB, estimate_memory  # noqa: E402
+from pixelgen.noise import Streams  # noqa: E402
 from pixelgen.precision import use_bf16  # noqa: E402
 
 HEADING = "## One GPU, one run (benchmarks/gpu.py)"
@@ -749,13 +751,14 @@ def case_sampling(plan: Plan, device: torch.device) -> tuple[list[SampleRow], Op
             model = state["model"]
             sampler_cfg = OmegaConf.merge(cfg.sampler, {"precision": row.precision})
             y = (torch.arange(row.batch) % cfg.model.num_classes).to(device)
-            g = torch.Generator(device=device).manual_seed(0)
+            # The FID stage's randomness: one stream per image (pixelgen.noise.Streams), included in the time.
+            g = Streams(0, range(row.batch), device)
             family.sampler(cfg, OmegaConf.merge(sampler_cfg, {"steps": 1}))(model, y, g)  # warm-up: same shapes
             sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            x = family.sampler(cfg, sampler_cfg)(model, y, g)
+            x = family.sampler(cfg, sampler_cfg)(model, y, Streams(0, range(row.batch), device))
             sync(device)
             row.seconds = time.perf_counter() - t0
             if device.type == "cuda":
