@@ -60,18 +60,28 @@ def _flatten(d, prefix=""):
     return out
 
 
+# Where a stage runs, not what it computes: a resumed run may change them (a requeued job gets another
+# allocation). The FID stage resumes on any number of ranks; a training stage's checkpoint says itself when
+# it cannot (pixelgen.engine.checkpoint).
+RESOURCE_KEYS = ("launch.",)
+
+
 def prepare(cfg) -> Path:
-    """Create the run folder and record the config; refuse to reuse a folder made with another config."""
+    """Create the run folder and record the config; refuse to reuse a folder made with another experiment
+    (any key but the resources, RESOURCE_KEYS, whose new values are recorded)."""
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
         old = _flatten(to_container(load_run_config(run_dir)))
         new = _flatten(to_container(cfg))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if changed:
+        if any(not k.startswith(RESOURCE_KEYS) for k in changed):
+            changed = [k for k in changed if not k.startswith(RESOURCE_KEYS)]
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
             raise ConfigError(f"run folder {run_dir} was made with a different config ({detail}). Resume it with "
                               f"the same config, or pick a new run_dir=... for the changed experiment")
+        if changed:
+            atomic_write_text(saved, to_yaml(cfg))  # the jobs read their config from here
         return run_dir
     # Owner only: the run folder holds the pickled jobs (code) and the logs.
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -113,9 +113,14 @@ def test_run_folder_records_config_version_and_git(tmp_path):
     assert "pixelgen_version" in info and "git_revision" in info and "config_hash" in info
     # The same config again is fine; a different one is refused with the changed key named.
     rundir.prepare(cfg)
+    # Resources are not the experiment: another rank count is recorded, not refused.
+    cfg.launch.fid.tasks = 4
+    rundir.prepare(cfg)
+    assert rundir.load_run_config(run_dir).launch.fid.tasks == 4
     cfg.train_trunk.steps = 99
-    with pytest.raises(ConfigError, match="train_trunk.steps"):
+    with pytest.raises(ConfigError, match="train_trunk.steps") as err:
         rundir.prepare(cfg)
+    assert "launch" not in str(err.value)
 
 
 def test_every_path_is_made_absolute_for_jobs_started_elsewhere(tmp_path, monkeypatch):
