@@ -366,9 +366,11 @@ class _Points:
         if _is_main() and record_path.is_file():
             saved = json.loads(record_path.read_text())
             done = saved if saved.get("plan") == expected else None
-        if _from_main(done is not None):
-            return done
         folder = out / "chunks" / f"point{k:03d}"
+        if _from_main(done is not None):
+            if _is_main() and folder.exists():  # killed between writing the record and removing the chunks
+                shutil.rmtree(folder)
+            return done
         todo = _from_main(sampling.open_plan(folder, plan) if _is_main() else None)
         rank, world = self.dist.rank, self.dist.world_size
         what = f" ({point.entry}; sweep {k}/{total - 1})" if k else ""
@@ -438,6 +440,8 @@ def stage_fid(cfg, run_dir: Path) -> dict:
              "num_ref_precision_recall": len(ref_stats["features"]) if "features" in ref_stats else None,
              "class_counts": main["class_counts"], "chunk_size": cfg.fid.chunk_size,
              "batch_size": cfg.fid.batch_size, "ranks": dist.world_size,
+             # On the CPU a convolution's bits depend on the threads that split it: part of "the same hardware".
+             "cpu_threads_per_rank": torch.get_num_threads() if dist.device.type == "cpu" else None,
              "noise": "per image: seeded by (fid.seed, image index), whatever the batch or rank"}
     result = {
         "metric_name": proto["metric_name"],

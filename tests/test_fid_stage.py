@@ -21,6 +21,9 @@ from safetensors.torch import save_file
 from pipeline.config import ConfigError, load_config
 from tests.conftest import ROOT, TINY, pixelgen
 
+# Bits are the same on the same hardware: on the CPU that includes each rank's thread count (a convolution
+# splits its work by thread), so every run here gives each rank one thread, as two ranks on two cores get.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PER_CLASS, CLASSES, CHUNK = 5, 4, 4  # 20 images in 5 chunks of 4, drawn in batches of 3 (3 + 1 per chunk)
 CHUNKS = 5
 METRICS = ("fid", "isc_mean", "isc_std", "sfid", "precision", "recall")
@@ -65,7 +68,7 @@ def _results(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
 def uninterrupted(tmp_path_factory, shards, generator):
     """One rank, start to finish: the run every other way of getting there must match."""
     run = tmp_path_factory.mktemp("fid-one-rank") / "run"
-    subprocess.run(_stage_cmd(run, shards, generator), check=True, capture_output=True)
+    subprocess.run(_stage_cmd(run, shards, generator), check=True, capture_output=True, env=ENV)
     return _results(run)
 
 
@@ -76,9 +79,10 @@ def test_one_and_two_ranks_draw_the_same_images_and_score_the_same(tmp_path, sha
     assert labels.tolist() == [c for c in range(CLASSES) for _ in range(PER_CLASS)]
     assert one["protocol"]["class_counts"] == {"min": PER_CLASS, "max": PER_CLASS}
     assert one["protocol"]["ranks"] == 1 and one["protocol"]["num_gen"] == PER_CLASS * CLASSES
+    assert one["protocol"]["cpu_threads_per_rank"] == 1
 
     run = tmp_path / "two"
-    pixelgen("run", *_args(run, shards, generator, "launch.fid.tasks=2"), "--executor", "local")
+    pixelgen("run", *_args(run, shards, generator, "launch.fid.tasks=2"), "--executor", "local", env=ENV)
     two, images2, labels2 = _results(run)
     assert two["protocol"]["ranks"] == 2
     assert np.array_equal(images2, images) and np.array_equal(labels2, labels)  # bit for bit
@@ -90,7 +94,7 @@ def test_one_and_two_ranks_draw_the_same_images_and_score_the_same(tmp_path, sha
     fresh = tmp_path / "shards"
     shutil.copytree(shards, fresh, ignore=shutil.ignore_patterns("fid_reference"))
     run3 = tmp_path / "three"
-    pixelgen("run", *_args(run3, fresh, generator, "launch.fid.tasks=2"), "--executor", "local")
+    pixelgen("run", *_args(run3, fresh, generator, "launch.fid.tasks=2"), "--executor", "local", env=ENV)
     three, images3, _ = _results(run3)
     assert np.array_equal(images3, images)
     with np.load(one["protocol"]["reference_cache"]) as a, np.load(three["protocol"]["reference_cache"]) as b:
@@ -101,19 +105,19 @@ def test_one_and_two_ranks_draw_the_same_images_and_score_the_same(tmp_path, sha
         assert three[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9)
 
 
-def test_a_killed_stage_resumes_every_chunk_once_and_ends_bit_identical(tmp_path, shards, generator,
-                                                                          uninterrupted):
+def test_a_killed_stage_resumes_every_chunk_once_on_any_rank_count_and_ends_bit_identical(
+        tmp_path, shards, generator, uninterrupted):
     run = tmp_path / "run"
     chunks = run / "fid" / "chunks" / "point000"
     # Killed (as by SIGKILL) right after chunk 1 was written...
     proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True,
-                          env={**os.environ, "PIXELGEN_FAULT": "fid_chunk@1"})
+                          env={**ENV, "PIXELGEN_FAULT": "fid_chunk@1"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert sorted(p.name for p in chunks.glob("chunk*.npz")) == ["chunk00000.npz", "chunk00001.npz"]
     written = {p.name: p.stat().st_mtime_ns for p in chunks.glob("chunk*.npz")}
     # ...then in the middle of writing chunk 3: its bytes are on disk under a temporary name only.
     proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True,
-                          env={**os.environ, "PIXELGEN_FAULT": "fid_chunk_write@3"})
+                          env={**ENV, "PIXELGEN_FAULT": "fid_chunk_write@3"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "2 on disk, 3 to draw" in proc.stderr
     assert sorted(p.name for p in chunks.glob("chunk*.npz")) == [f"chunk0000{k}.npz" for k in range(3)]
@@ -121,9 +125,11 @@ def test_a_killed_stage_resumes_every_chunk_once_and_ends_bit_identical(tmp_path
     assert {p: chunks.joinpath(p).stat().st_mtime_ns for p in written} == written  # not drawn again
     assert not (run / "fid" / "DONE.json").exists()
 
-    proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True, check=True)
-    assert "3 on disk, 2 to draw" in proc.stderr and "2/2 chunks" in proc.stderr
+    # The requeued job gets another allocation: two ranks finish what one rank started.
+    proc = pixelgen("run", *_args(run, shards, generator, "launch.fid.tasks=2"), "--executor", "local", env=ENV)
+    assert "3 on disk, 2 to draw on 2 rank(s)" in proc.stdout + proc.stderr
     metrics, images, labels = _results(run)
+    assert metrics["protocol"]["ranks"] == 2
     ref_metrics, ref_images, ref_labels = uninterrupted
     assert np.array_equal(images, ref_images) and np.array_equal(labels, ref_labels)
     assert {k: metrics[k] for k in METRICS} == {k: ref_metrics[k] for k in METRICS}
@@ -134,7 +140,7 @@ def test_a_preemption_signal_finishes_the_chunk_exits_75_and_resumes(tmp_path, s
     run = tmp_path / "run"
     chunks = run / "fid" / "chunks" / "point000"
     proc = subprocess.Popen(_stage_cmd(run, shards, generator), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=ENV)
     deadline = time.time() + 300
     while not list(chunks.glob("chunk*.npz")):
         assert proc.poll() is None and time.time() < deadline, "the stage ended before its first chunk was seen"
@@ -145,7 +151,7 @@ def test_a_preemption_signal_finishes_the_chunk_exits_75_and_resumes(tmp_path, s
     assert "preemption signal" in out
     left = len(list(chunks.glob("chunk*.npz")))
     assert 1 <= left < CHUNKS and not list(chunks.glob(".chunk*.tmp"))  # whole chunks only
-    proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True, check=True)
+    proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True, check=True, env=ENV)
     assert f"{left} on disk, {CHUNKS - left} to draw" in proc.stderr
     metrics, images, _ = _results(run)
     assert np.array_equal(images, uninterrupted[1])
@@ -155,9 +161,10 @@ def test_a_preemption_signal_finishes_the_chunk_exits_75_and_resumes(tmp_path, s
 def test_changed_settings_draw_again_instead_of_reusing_chunks(tmp_path, shards, generator, uninterrupted):
     run = tmp_path / "run"
     subprocess.run(_stage_cmd(run, shards, generator), capture_output=True,
-                   env={**os.environ, "PIXELGEN_FAULT": "fid_chunk@1"})
+                   env={**ENV, "PIXELGEN_FAULT": "fid_chunk@1"})
     # Another sampler for the same run folder is another experiment: the run refuses to mix them...
-    proc = subprocess.run(_stage_cmd(run, shards, generator, "sampler.steps=2"), capture_output=True, text=True)
+    proc = subprocess.run(_stage_cmd(run, shards, generator, "sampler.steps=2"), capture_output=True, text=True,
+                          env=ENV)
     assert proc.returncode != 0 and "different config" in proc.stdout + proc.stderr
     # ...and chunks whose plan differs from the one asked for are never scored (a run folder edited by hand).
     from pixelgen.eval import sampling
@@ -166,7 +173,7 @@ def test_changed_settings_draw_again_instead_of_reusing_chunks(tmp_path, shards,
     plan = json.loads(plan_path.read_text())
     plan["key"]["sampler"]["steps"] = 2
     plan_path.write_text(json.dumps(plan))
-    proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True, check=True)
+    proc = subprocess.run(_stage_cmd(run, shards, generator), capture_output=True, text=True, check=True, env=ENV)
     assert "2 chunks were drawn for other settings; drawing again" in proc.stderr
     assert "0 on disk, 5 to draw" in proc.stderr
     metrics, images, _ = _results(run)
