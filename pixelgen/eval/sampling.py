@@ -97,18 +97,20 @@ def draw_chunks(folder: Path, plan: Plan, todo: Sequence[int], draw: Callable, m
     def rate() -> str:
         return f"{drawn[0] / max(time.monotonic() - t0, 1e-9):.2f} images/s"
 
-    # A live bar on a terminal; a line with the rate and the ETA every 30 s in a SLURM log.
-    for chunk in report(todo, len(todo), desc, unit="chunks", extra=rate):
-        start, stop_at = plan.bounds(chunk)
-        parts = []
-        for b in range(start, stop_at, plan.batch_size):
-            idx = range(b, min(b + plan.batch_size, stop_at))
-            y = plan.labels(idx.start, idx.stop).to(device)
-            parts.append(to_uint8(draw(model, y, Streams(plan.seed, idx, device))).cpu())
-        images = torch.cat(parts)
-        features = extractor(images)
-        _write_chunk(chunk_path(folder, chunk), chunk, images, plan.labels(start, stop_at), features)
-        drawn[0] += len(images)
+    # Progress by batch, so that even one chunk shows it: a live bar on a terminal, a line with the rate and the
+    # ETA every 30 s in a SLURM log.
+    work = [(chunk, b) for chunk in todo for b in range(*plan.bounds(chunk), plan.batch_size)]
+    parts: list[torch.Tensor] = []
+    for chunk, b in report(work, len(work), desc, unit="batches", extra=rate):
+        start, end = plan.bounds(chunk)
+        idx = range(b, min(b + plan.batch_size, end))
+        y = plan.labels(idx.start, idx.stop).to(device)
+        parts.append(to_uint8(draw(model, y, Streams(plan.seed, idx, device))).cpu())
+        drawn[0] += len(idx)
+        if idx.stop < end:
+            continue
+        images, parts = torch.cat(parts), []
+        _write_chunk(chunk_path(folder, chunk), chunk, images, plan.labels(start, end), extractor(images))
         faults.point("fid_chunk", chunk)  # tests: killed between two chunks
         if stop():
             return False
