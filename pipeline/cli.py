@@ -48,12 +48,30 @@ def cmd_run(args) -> int:
         raise ConfigError(f"--executor {args.executor} runs on this machine and --cluster submits to SLURM: pick one")
     cfg = _load(args)
     profile = _load_cluster(args.cluster, cfg, args.dry_run) if args.cluster else None
+    if not args.dry_run:  # a dry run writes scripts for paths the cluster's nodes see, maybe not this machine
+        _check_inputs(cfg, Path(cfg.run_dir), profile)
     run_dir = rundir.prepare(cfg)
     if not args.dry_run:
         _refuse_if_busy(run_dir)
     if profile:
         return _submit(cfg, run_dir, *profile, command="run", dry_run=args.dry_run)
     return _run_here(cfg, run_dir, args.executor)
+
+
+def _check_inputs(cfg, run_dir: Path, profile=None) -> None:
+    """Every input path of the unfinished stages exists here, before a folder is made or a job submitted; a
+    cluster profile with check_paths: false skips this (paths only its compute nodes see)."""
+    from pipeline import rundir
+
+    if profile is not None and not profile[1].check_paths:
+        console.print(f"not checking input paths on this machine (check_paths: false in {profile[0]})")
+        return
+    problems = rundir.missing_inputs(cfg, run_dir)
+    if problems:
+        hint = (f"\n(paths that only the compute nodes see: set check_paths: false in {profile[0]})"
+                if profile is not None else "")
+        raise ConfigError("the run cannot start, nothing was created or submitted:\n  " + "\n  ".join(problems)
+                          + hint)
 
 
 def _refuse_if_busy(run_dir: Path) -> None:
@@ -378,8 +396,10 @@ def cmd_resume(args) -> int:
     _refuse_if_busy(run_dir)
     if name is None:
         console.print(f"{run_dir} ran on this machine: resuming it here (--cluster NAME submits it to SLURM)")
+        _check_inputs(cfg, run_dir)
         return _run_here(cfg, run_dir, args.executor)
     path, profile = _load_cluster(name, cfg)
+    _check_inputs(cfg, run_dir, (path, profile))
     return _submit(cfg, run_dir, path, profile, command="resume")
 
 

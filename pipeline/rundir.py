@@ -38,6 +38,33 @@ def resolve_paths(cfg) -> None:
             OmegaConf.update(cfg, key, str(Path(value).expanduser().resolve()))
 
 
+def missing_inputs(cfg, run_dir: str | Path) -> list[str]:
+    """What the unfinished stages read from outside the run folder and cannot find on this machine, one line
+    each naming the key and the path: the ImageNet folder (shard), the shards (a chain without the shard
+    stage), the Inception weights (fid). A finished stage needs nothing any more: its source may be gone."""
+    todo = [s for s in cfg.stages if marker(run_dir, s) is None]
+    problems = []
+    if "shard" in todo and not Path(cfg.data.imagenet_dir).is_dir():
+        problems.append(f"data.imagenet_dir = {cfg.data.imagenet_dir!r} is not a folder: point it at an "
+                        f"ImageNet-layout folder (train/<wnid>/*.JPEG, val/...)")
+    if "shard" not in cfg.stages and set(todo) - {"shard"} and cfg.data.shard_dir \
+            and not (Path(cfg.data.shard_dir) / "manifest.json").is_file():
+        problems.append(f"data.shard_dir = {cfg.data.shard_dir!r} holds no manifest.json: point it at the shard "
+                        f"stage's output folder (or add shard to stages)")
+    if "fid" in todo:
+        from pixelgen.eval.fid import UPSTREAM_WEIGHTS_NAME, WEIGHTS_ENV
+
+        weights = cfg.fid.inception_weights or os.environ.get(WEIGHTS_ENV)
+        key = "fid.inception_weights" if cfg.fid.inception_weights else WEIGHTS_ENV
+        if weights and not Path(weights).expanduser().is_file():
+            problems.append(f"{key} = {weights!r} is not a file: point it at torch-fidelity's {UPSTREAM_WEIGHTS_NAME}")
+        elif not weights and not cfg.fid.allow_random_features:
+            problems.append(f"the fid stage has no Inception weights: set fid.inception_weights (or {WEIGHTS_ENV}) "
+                            f"to torch-fidelity's {UPSTREAM_WEIGHTS_NAME}, or fid.allow_random_features=true for "
+                            f"a proxy FID")
+    return problems
+
+
 def git_revision() -> str:
     root = Path(pixelgen.__file__).resolve().parent.parent
     try:

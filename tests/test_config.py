@@ -1,5 +1,7 @@
 """Config errors name the key and where it came from, before anything runs."""
 
+import os
+
 import pytest
 
 from pipeline import rundir
@@ -101,6 +103,32 @@ def test_cli_rejects_bad_config_before_any_stage(tmp_path):
     assert proc.returncode == 2
     assert "model.trunk.patch_size" in proc.stdout
     assert not run_dir.exists()  # nothing was created, nothing submitted
+
+
+def test_missing_input_paths_are_named_before_anything_is_created(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", "data.imagenet_dir=/nonexistent",
+                    "fid.allow_random_features=false", check=False, env={**os.environ, "PIXELGEN_INCEPTION_WEIGHTS": ""})
+    assert proc.returncode == 2
+    assert "data.imagenet_dir = '/nonexistent' is not a folder" in proc.stdout
+    assert "the fid stage has no Inception weights" in proc.stdout
+    assert not run_dir.exists()
+    # Without the shard stage: the shards must be there; a stage already done needs nothing any more.
+    cfg = load_config(TINY, [f"run_dir={run_dir}", f"data.shard_dir={tmp_path}", "stages=[train_trunk,fid]",
+                             f"fid.inception_weights={tmp_path / 'absent.pth'}"])
+    problems = rundir.missing_inputs(cfg, run_dir)
+    assert [p.split(" = ")[0] for p in problems] == ["data.shard_dir", "fid.inception_weights"]
+    (tmp_path / "manifest.json").write_text("{}")
+    rundir.mark_done(run_dir, "fid", {"fid": 1.0})
+    assert rundir.missing_inputs(cfg, run_dir) == []
+    # A cluster whose nodes see paths this machine does not: the profile opts out.
+    from pipeline import cli
+    from pipeline.cluster import ClusterProfile
+
+    bad = load_config(TINY, [f"run_dir={tmp_path / 'other'}", "data.imagenet_dir=/nodes-only"])
+    with pytest.raises(ConfigError, match="check_paths: false in slurm/x.yaml"):
+        cli._check_inputs(bad, tmp_path / "other", ("slurm/x.yaml", ClusterProfile()))
+    cli._check_inputs(bad, tmp_path / "other", ("slurm/x.yaml", ClusterProfile(check_paths=False)))
 
 
 def test_run_folder_records_config_version_and_git(tmp_path):

@@ -98,13 +98,15 @@ def test_status_reports_each_stage(chain):
     assert states == {stage: "done" for stage in stages}, out
 
 
-def test_failed_stage_leaves_no_marker_and_names_the_key(tmp_path, fake_imagenet):
+def test_failed_stage_leaves_no_marker_and_names_the_file(tmp_path, fake_imagenet):
     run_dir = tmp_path / "run"
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"not a state dict")  # present, so the run starts; the fid stage finds it unreadable
     proc = pixelgen("run", str(TINY), f"run_dir={run_dir}", f"data.imagenet_dir={fake_imagenet}",
-                    "stages=[shard,train_trunk,fid]", "fid.allow_random_features=false", "--executor", "local",
-                    check=False)
+                    "stages=[shard,train_trunk,fid]", "fid.allow_random_features=false",
+                    f"fid.inception_weights={weights}", "--executor", "local", check=False)
     assert proc.returncode == 1
-    assert "fid.inception_weights" in proc.stdout
+    assert str(weights) in proc.stdout and "not a torch-fidelity InceptionV3 state dict" in proc.stdout
     assert (run_dir / "train_trunk" / "DONE.json").is_file()
     assert not (run_dir / "fid" / "DONE.json").exists()
     assert not (run_dir / "fid" / "metrics.json").exists()

@@ -72,6 +72,9 @@ class ClusterProfile:
     max_requeues: int = 100  # a job that keeps being preempted or timing out stops after this many requeues
     setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda/12.4"
     sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {constraint: h100}
+    # Check the run's input paths (ImageNet, shards, Inception weights) on the submitting machine first; false
+    # where only the compute nodes see them.
+    check_paths: bool = True
     container: ContainerConfig = field(default_factory=ContainerConfig)
 
 
