@@ -336,13 +336,13 @@ class _Points:
         self.cfg, self.run_dir, self.out, self.extractor, self.ref_stats = cfg, run_dir, out, extractor, ref_stats
         self.proto = proto
         self.dist = init_distributed()
-        self.model, self.model_path, self.model_sha = None, None, None
+        self.model, self.model_path = None, None
 
     def _generator(self, path: Path):
         if path != self.model_path:
             self.model = None  # one generator in memory at a time
             self.model = _load_generator(self.cfg, path).to(self.dist.device).eval()
-            self.model_path, self.model_sha = path, _from_main(sha256_file(path) if _is_main() else None)
+            self.model_path = path
         return self.model
 
     def plan(self, point: SweepPoint, gen_sha: str) -> Plan:
@@ -402,9 +402,7 @@ class _Points:
         grid = save_grid(images, out / ("samples.png" if k == 0 else f"points/point{k:03d}.png"), nrow=per_row)
         if k == 0:  # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators
             sampling.write_samples_npz(folder, plan, out / "samples.npz")
-        record = {"sampler": point.entry, "weights": point.weights, **{m: v for m, v in metrics.items()
-                                                                        if m != "isc_splits"},
-                  "isc_splits": metrics.get("isc_splits"), "generator_weights": str(gen_path),
+        record = {"sampler": point.entry, "weights": point.weights, **metrics, "generator_weights": str(gen_path),
                   "generator_step": weights_metadata(gen_path).get("step"),  # the training step they come from
                   "class_counts": {"min": int(counts.min()), "max": int(counts.max())},
                   "sample_grid": str(grid), "plan": expected}
