@@ -13,7 +13,6 @@ Prints one JSON list: per count, the resident bytes before and the peak (VmHWM, 
 
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from pixelgen import noise
 from pixelgen.eval import fid, sampling
-from tests.memory_probe import peak_resident_bytes, resident_bytes
+from tests.memory_probe import in_child, peak_resident_bytes, resident_bytes
 
 
 def run(spec: dict, per_class: int, extractor) -> dict:
@@ -51,21 +50,10 @@ def main() -> None:
     torch.set_num_threads(1)
     extractor = fid.InceptionFeatures(spec["weights"], batch_size=spec["batch_size"])
     extractor(torch.zeros(spec["batch_size"], 3, spec["resolution"], spec["resolution"], dtype=torch.uint8))
-    results = []
-    for per_class in spec["counts"]:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            with os.fdopen(write_fd, "w") as out:
-                out.write(json.dumps(run(spec, per_class, extractor)))
-            os._exit(0)
-        os.close(write_fd)
-        with os.fdopen(read_fd) as inp:
-            results.append(json.loads(inp.read()))
-        _, status = os.waitpid(pid, 0)
-        if status:
-            raise SystemExit(f"the child measuring {per_class} images per class failed ({status})")
+    results = [in_child(lambda per_class=per_class: run(spec, per_class, extractor)) for per_class in spec["counts"]]
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise SystemExit(f"a measuring child failed: {failed[0]}")
     print(json.dumps(results))
 
 

@@ -69,26 +69,32 @@ def measure(case: dict, resolution: int, batch: int, num_classes: int) -> dict:
     return {"before": before, "peak": peak_resident_bytes()}
 
 
+def in_child(fn) -> dict:
+    """fn()'s JSON result, computed in a child forked from this process (so it starts from what the parent
+    holds, and allocates nothing in it); a failure comes back as {"error": ...}."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 0
+        try:
+            out = fn()
+        except BaseException as e:  # the parent reports it; a child must never return into the parent's code
+            out, code = {"error": f"{type(e).__name__}: {e}"}, 1
+        os.write(write_fd, json.dumps(out).encode())
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as f:
+        result = json.loads(f.read())
+    os.waitpid(pid, 0)
+    return result
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
-    results = []
-    for case in spec["cases"]:
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            code = 0
-            try:
-                out = measure(case, spec["resolution"], spec["batch"], spec["num_classes"])
-            except BaseException as e:  # the parent reports it; a child must never return into the parent's code
-                out, code = {"error": f"{type(e).__name__}: {e}"}, 1
-            os.write(write_fd, json.dumps(out).encode())
-            os._exit(code)
-        os.close(write_fd)
-        with os.fdopen(read_fd) as f:
-            results.append(json.loads(f.read()))
-        os.waitpid(pid, 0)
+    results = [in_child(lambda case=case: measure(case, spec["resolution"], spec["batch"], spec["num_classes"]))
+               for case in spec["cases"]]
     print(json.dumps(results))
 
 
