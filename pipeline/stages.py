@@ -361,7 +361,7 @@ class _Points:
         gen_path = _generator_weights(cfg, self.run_dir, point.weights)
         gen_sha = _from_main(sha256_file(gen_path) if _is_main() else None)
         plan = self.plan(point, gen_sha)
-        expected = json.loads(json.dumps(plan.as_json()))
+        expected = plan.as_json()
         done = None
         if _is_main() and record_path.is_file():
             saved = json.loads(record_path.read_text())
@@ -394,10 +394,10 @@ class _Points:
         barrier()  # every chunk on disk
         if not _is_main():
             return None
-        labels = torch.cat([sampling.read_chunk(sampling.chunk_path(folder, c))["labels"]
-                            for c in range(plan.num_chunks)])
-        counts = torch.bincount(labels, minlength=plan.num_classes)
-        metrics = fid_lib.compute_metrics(sampling.feature_chunks(folder, plan), self.ref_stats, cfg.fid.metrics)
+        labels: list[torch.Tensor] = []
+        metrics = fid_lib.compute_metrics(sampling.feature_chunks(folder, plan, labels), self.ref_stats,
+                                          cfg.fid.metrics)
+        counts = torch.bincount(torch.cat(labels), minlength=plan.num_classes)
         images, per_row = sampling.grid_images(folder, plan)
         grid = save_grid(images, out / ("samples.png" if k == 0 else f"points/point{k:03d}.png"), nrow=per_row)
         if k == 0:  # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators

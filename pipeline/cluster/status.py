@@ -129,13 +129,14 @@ def training_progress(run_dir: Path, cfg, stage: str, eta: bool = True) -> str:
 def fid_progress(fid_dir: Path) -> str:
     """'point 1, 37/100 chunks (37%)' from the FID stage's chunk folders (the points scored are in points/), or
     '' before sampling starts."""
+    from pixelgen.eval.sampling import PLAN_FILE, Plan
+
     scored = len(list((fid_dir / "points").glob("point*.json")))
     for folder in sorted((fid_dir / "chunks").glob("point*")):
         try:
-            plan = json.loads((folder / "plan.json").read_text())
-        except (OSError, ValueError):
+            total = Plan(**json.loads((folder / PLAN_FILE).read_text())).num_chunks
+        except (OSError, ValueError, TypeError):
             continue
-        total = -(-plan["num_classes"] * plan["per_class"] // plan["chunk_size"])
         done = len(list(folder.glob("chunk*.npz")))
         return f"point {int(folder.name[5:])}, {done}/{total} chunks ({100 * done // max(total, 1)}%)"
     return f"{scored} point(s) scored" if scored else ""

@@ -8,8 +8,8 @@ on the number of ranks or on which rank drew it: 1 rank and 8 give the same bits
 
 A restarted run skips every chunk already on disk and shares out the rest; a preemption signal lets each rank
 finish the chunk it is drawing, then stop. Scoring streams over the chunks in order, reading their features
-only: FID and sFID statistics are accumulated (pixelgen.eval.fid.Moments), and only the features that IS and precision/recall
-need in full stay in memory (4 KB and 8 KB per image), never the images.
+only: FID and sFID statistics are accumulated (pixelgen.eval.fid.Moments), and only the features that IS and
+precision/recall need in full stay in memory (4 KB and 8 KB per image), never the images.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class Plan:
         return torch.arange(start, stop) // self.per_class
 
     def as_json(self) -> dict:
-        return asdict(self)
+        """The plan as plan.json and a point's record hold it (JSON types: what a saved copy compares equal to)."""
+        return json.loads(json.dumps(asdict(self)))
 
 
 def chunk_path(folder: Path, chunk: int) -> Path:
@@ -75,7 +76,7 @@ def open_plan(folder: Path, plan: Plan) -> list[int]:
     changed since they were drawn) are removed, with a line saying so; only the main rank calls this."""
     folder = Path(folder)
     saved = folder / PLAN_FILE
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(plan.as_json())):
+    if saved.is_file() and json.loads(saved.read_text()) != plan.as_json():
         stale = sorted(folder.glob("chunk*.npz"))
         console.print(f"{folder}: {len(stale)} chunks were drawn for other settings; drawing again", soft_wrap=True)
         shutil.rmtree(folder)
@@ -139,10 +140,14 @@ def read_chunk(path: Path, images: bool = False) -> dict:
     return out
 
 
-def feature_chunks(folder: Path, plan: Plan) -> Iterable[dict]:
-    """Every chunk's features, in sample order (one chunk in memory at a time)."""
+def feature_chunks(folder: Path, plan: Plan, labels: list | None = None) -> Iterable[dict]:
+    """Every chunk's features, in sample order (one chunk in memory at a time); each chunk's labels are appended
+    to `labels` when given, so that one pass reads both."""
     for chunk in range(plan.num_chunks):
-        yield read_chunk(chunk_path(folder, chunk))
+        data = read_chunk(chunk_path(folder, chunk))
+        if labels is not None:
+            labels.append(data["labels"])
+        yield data
 
 
 def grid_images(folder: Path, plan: Plan, classes: int = 16, per_class: int = 8) -> tuple[torch.Tensor, int]:
