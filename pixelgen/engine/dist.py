@@ -11,10 +11,17 @@ Understood launchers, in order of precedence (`launcher_env`):
 * anything else, including the batch script's own shell on a SLURM node: a world of one.
 
 CUDA_VISIBLE_DEVICES is never touched: DeepSpeed picks each rank's device from LOCAL_RANK.
+
+A process that initialised torch.distributed here destroys its process groups before the interpreter starts
+to finalise (`shutdown`, registered with atexit): otherwise gloo's worker threads can still hold work objects
+while Python tears down, and the process aborts after its last line ("terminate called without an active
+exception", exit -6; pytorch/pytorch#190489), which srun reports as a failed job even though the stage wrote its
+result.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -143,6 +150,9 @@ def init_distributed() -> DistInfo:
         for name in TORCH_VARS:  # launcher_env keeps any RANK / WORLD_SIZE already set, so nothing contradicts
             os.environ[name] = env[name]
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        # atexit runs handlers last-registered first: anything registered after this point (wandb's own
+        # teardown, for one) ends before the process groups go.
+        atexit.register(shutdown)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not on_gpu:
         _share_cores()
@@ -159,6 +169,17 @@ def _share_cores() -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+
+
+def shutdown() -> None:
+    """Destroy every process group (DeepSpeed's sub-groups too) while the interpreter is whole; idempotent.
+
+    Local: no collective, so a rank whose peer already died or exited does not wait for it. `init_distributed`
+    registers it with atexit, so it runs at the end of every process that initialised here, however it ends
+    (a stage's return, an exception, `sys.exit(75)`); not earlier, since the debug executor runs several stages
+    in one process and DeepSpeed keeps its groups across them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:
