@@ -261,20 +261,8 @@ def to_container(cfg) -> dict:
 
 
 def from_container(data: dict):
-    """Rebuild a typed config from plain data (the saved run config); validated like a file."""
-    for old, new in _RENAMED.items():
-        section, old_key = old.split(".")
-        part = data.get(section)
-        if isinstance(part, dict) and old_key in part:
-            part = {**part, new.split(".")[1]: part[old_key]}
-            data = {**data, section: {k: v for k, v in part.items() if k != old_key}}
-    fid = data.get("fid")
-    if isinstance(fid, dict) and "ema" in fid:  # fid.ema (bool) became fid.weights
-        data = {**data, "fid": {**{k: v for k, v in fid.items() if k != "ema"},
-                                "weights": "ema" if fid["ema"] else "model"}}
-    trunk = data.get("train_trunk")
-    if isinstance(trunk, dict) and all(trunk.get(k, v) == v for k, v in _DECODER_ONLY.items()):
-        data = {**data, "train_trunk": {k: v for k, v in trunk.items() if k not in _DECODER_ONLY}}
+    """Rebuild a typed config from plain data (a saved run config at the current schema: see
+    pipeline.migrations); validated like a file."""
     cfg = _merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), "saved run config")
     validate(cfg, "saved run config")
     return cfg

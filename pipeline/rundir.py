@@ -1,6 +1,6 @@
 """The run folder and the stage contract.
 
-    <run_dir>/config.yaml      resolved config (plain YAML)
+    <run_dir>/config.yaml      resolved config (plain YAML), its schema version first (pipeline.migrations)
     <run_dir>/run.json         package version, git revision, config hash, creation time
     <run_dir>/<stage>/         each stage's outputs
     <run_dir>/<stage>/DONE.json  completion marker, written last: a stage whose marker exists is done
@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import pixelgen
+from pipeline import migrations
 from pipeline.config import ConfigError, STAGES, config_hash, from_container, to_container, to_yaml
 from pixelgen.engine.dist import launcher_env
 from pixelgen.io import atomic_write_json, atomic_write_text, read_json
@@ -108,7 +109,7 @@ def prepare(cfg) -> Path:
             raise ConfigError(f"run folder {run_dir} was made with a different config ({detail}). Resume it with "
                               f"the same config, or pick a new run_dir=... for the changed experiment")
         if changed:
-            atomic_write_text(saved, to_yaml(cfg))  # the jobs read their config from here
+            atomic_write_text(saved, migrations.with_version(to_yaml(cfg)))  # the jobs read their config here
         return run_dir
     # Owner only: the run folder holds the pickled jobs (code) and the logs.
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -119,7 +120,7 @@ def prepare(cfg) -> Path:
         "config_hash": config_hash(cfg),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
     })
-    atomic_write_text(saved, to_yaml(cfg))  # last: a folder with config.yaml is fully prepared
+    atomic_write_text(saved, migrations.with_version(to_yaml(cfg)))  # last: config.yaml means fully prepared
     return run_dir
 
 
@@ -128,7 +129,7 @@ def load_run_config(run_dir: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a pixelgen run folder (no config.yaml); start one with "
                                 f"`pixelgen run CONFIG`")
-    return from_container(OmegaConf.to_container(OmegaConf.load(path)))
+    return from_container(migrations.upgrade(OmegaConf.to_container(OmegaConf.load(path)), path))
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:

@@ -168,16 +168,7 @@ def test_decoder_only_keys_are_refused_on_the_trunk_stage(tmp_path):
         with pytest.raises(ConfigError, match=rf"'train_trunk.{key.split('=')[0]}' belongs to the decoder stage.*"
                                               rf"set train_decoder.{key.split('=')[0]}"):
             load_config(TINY, ["data.imagenet_dir=/x", f"train_trunk.{key}"])
-    # A run folder written while both stages shared one schema (the decoder keys at their defaults under
-    # train_trunk too) is read back, and its config still counts as unchanged.
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/x"])
-    run_dir = rundir.prepare(cfg)
-    old = (run_dir / "config.yaml").read_text().replace(
-        "train_trunk:\n", "train_trunk:\n  init_from: null\n  freeze_trunk: true\n  trunk_lr: null\n", 1)
-    assert old.count("init_from:") == 2  # train_trunk's and train_decoder's
-    (run_dir / "config.yaml").write_text(old)
-    assert rundir.load_run_config(run_dir) == cfg
-    rundir.prepare(cfg)
+    # Run folders written while both stages shared one schema: tests/test_migrations.py.
 
 
 def test_fid_weights_name_an_export_or_a_file(tmp_path):
@@ -198,16 +189,9 @@ def test_fid_weights_name_an_export_or_a_file(tmp_path):
     assert _generator_weights(load_config(TINY, [*base, f"fid.weights={own}"]), run) == own
 
 
-def test_old_fid_keys_say_what_they_became_and_old_run_folders_still_read(tmp_path):
+def test_old_fid_keys_say_what_they_became(tmp_path):
     msg, _ = _err(tmp_path, overrides=["data.imagenet_dir=/x", "fid.reference_split=val"])
     assert "'fid.reference_split' is now 'fid.reference'" in msg
     msg, _ = _err(tmp_path, overrides=["data.imagenet_dir=/x", "fid.ema=false"])
     assert "'fid.ema' is now 'fid.weights'" in msg
-    cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "data.imagenet_dir=/x", "fid.reference=val",
-                             "fid.weights=model"])
-    run_dir = rundir.prepare(cfg)
-    saved = (run_dir / "config.yaml").read_text()
-    old = saved.replace("  reference: val\n", "  reference_split: val\n").replace("  weights: model\n", "  ema: false\n")
-    assert old != saved
-    (run_dir / "config.yaml").write_text(old)
-    assert rundir.load_run_config(run_dir) == cfg  # an older pixelgen's folder, read back as it was meant
+    # Run folders that hold them read back: tests/test_migrations.py.
