@@ -20,6 +20,7 @@ import submitit
 
 from pipeline import cluster, rundir
 from pipeline.config import STAGES
+from pixelgen.engine import preemption
 
 EXECUTORS = ("local", "debug")
 
@@ -70,6 +71,7 @@ def _preempt_outside_training() -> None:
     from pipeline.stages import StagePreempted
 
     def handler(signum, frame):
+        preemption.note(signum)
         raise StagePreempted(f"signal {signal.Signals(signum).name} outside the training loop; the stage "
                              f"resumes from what is on disk when the job comes back")
 

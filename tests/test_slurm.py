@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -149,15 +150,17 @@ def test_job_scripts_for_pyxis(tmp_path, fake_imagenet):
     mounts = srun.split("--container-mounts=")[1].split()[0].split(",")
     # The run folder, the data, the weights' folder and the profile's own mount, each at the same path.
     assert set(mounts) == {f"{p}:{p}" for p in (run, fake_imagenet, inception.parent, "/scratch")}
-    assert srun.endswith(f"/usr/bin/env python3 -u -m submitit.core._submit {run}/submitit/%j")
+    # pipeline.jobstart first: its preemption handlers are in before submitit or the stage imports anything.
+    assert srun.endswith(f"/usr/bin/env python3 -u -m pipeline.jobstart -u -m submitit.core._submit {run}/submitit/%j")
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@200", "#SBATCH --requeue",
                  "#SBATCH --constraint=h100", "#SBATCH --kill-on-invalid-dep=yes", "module load cuda/12.4"):
         assert line in train.splitlines(), line
     assert "#SBATCH --dependency='afterok:<job id of shard>'" in train
-    # A stage that exits 75 (saved on a preemption signal) is requeued by the batch script, outside the container.
+    # The batch script, outside the container, names each job's preemption marker and requeues on it (below).
+    assert f"export PIXELGEN_PREEMPT_MARKER={run}/submitit/preempted-\"$SLURM_JOB_ID\"" in train
     teardown = train.split("# teardown")[1]
-    assert '[ "$rc" -eq 75 ]' in teardown and 'scontrol requeue "$SLURM_JOB_ID"' in teardown
+    assert "\n".join(cluster.requeue_lines(cluster.load_profile(str(profile))[1], run)) in teardown
     assert "#SBATCH --array=0-1%2" in s["shard"] and "--gpus-per-node" not in s["shard"]
     # The FID stage runs one rank per GPU too, on nodes.fid nodes (default 1).
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4"):
@@ -165,6 +168,60 @@ def test_job_scripts_for_pyxis(tmp_path, fake_imagenet):
     # Owner-only folders: the pickled jobs are code.
     for folder in (run, run / "submitit"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+@pytest.mark.parametrize("rc, marker, restarts, requeued, exit_code", [
+    (75, False, 0, True, 0),   # a stage saved on a signal and exited 75
+    (1, True, 0, True, 0),     # a rank died of its peer's exit after a signal: still a preemption
+    (137, True, 0, True, 0),   # killed by SLURM after the grace time (NCCL waits in a collective)
+    (0, True, 0, False, 0),    # the signal came as the stage finished: done, nothing to requeue
+    (1, False, 0, False, 1),   # a real failure: the job fails and afterok cancels its dependants
+    (75, True, 100, False, 75),  # out of requeues (max_requeues: 100)
+])
+def test_the_job_script_requeues_on_the_marker_or_exit_75(tmp_path, rc, marker, restarts, requeued, exit_code):
+    """The teardown lines of every job script, run by bash after a stand-in for srun's status, with a
+    stand-in scontrol that records its call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    path = tmp_path / "preempted-42"
+    if marker:
+        path.write_text("USR2 rank 0 pid 1 2026-12-01T00:00:00\n")
+    _, profile = cluster.load_profile(str(ROOT / "slurm" / "local.yaml"))
+    (tmp_path / "submitit").mkdir()
+    script = "\n".join(["SECONDS=40", f"(exit {rc})", *cluster.requeue_lines(profile, tmp_path)])
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "42",
+                               "SLURM_RESTART_COUNT": str(restarts), "PIXELGEN_PREEMPT_MARKER": str(path)})
+    assert proc.returncode == exit_code, proc.stderr
+    assert (calls.read_text() == "requeue 42\n") if requeued else not calls.exists()
+    assert ("requeueing job 42" in proc.stderr) == requeued
+    assert not path.exists()  # a requeued job starts without it; a finished or failed one leaves none behind
+    # This run's time, for `pixelgen status` to add up across requeues.
+    assert json.loads((tmp_path / "submitit" / "attempts-42.jsonl").read_text()) == \
+        {"task": 0, "restart": restarts, "seconds": 40, "rc": rc}
+
+
+def test_a_signal_before_the_stage_starts_exits_75_and_leaves_the_marker(tmp_path):
+    """pipeline.jobstart's handlers are in from the job's first lines: here submitit's runner waits for a job
+    pickle that never comes (it would wait 60 s), as a slow start-up would, and USR2 arrives."""
+    marker = tmp_path / "preempted-7"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "pipeline.jobstart", "-u", "-m", "submitit.core._submit",
+                             str(tmp_path / "%j")], cwd=ROOT, text=True, stderr=subprocess.PIPE,
+                            env={**env, "PIXELGEN_PREEMPT_MARKER": str(marker), "SUBMITIT_EXECUTOR": "slurm",
+                                 "SLURM_JOB_ID": "7", "SLURM_PROCID": "1"})
+    time.sleep(3)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-3000:]
+    assert "signal SIGUSR2 before the stage started" in err
+    assert marker.read_text().startswith("SIGUSR2 rank 1 pid ")
+    bad = subprocess.run([sys.executable, "-m", "pipeline.jobstart", "job.pkl"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "expects `-u -m submitit.core._submit FOLDER`" in bad.stderr
 
 
 def test_job_scripts_for_apptainer(tmp_path, fake_imagenet):
@@ -179,7 +236,7 @@ def test_job_scripts_for_apptainer(tmp_path, fake_imagenet):
     assert "--container-image" not in srun
     binds = ",".join(str(x) for x in sorted((run, fake_imagenet), key=lambda x: (len(x.parts), str(x))))
     assert srun.endswith(f"apptainer exec --nv --bind {binds} {image} /opt/venv/bin/python -u -m "
-                         f"submitit.core._submit {run}/submitit/%j")
+                         f"pipeline.jobstart -u -m submitit.core._submit {run}/submitit/%j")
 
 
 def test_containers_mount_every_teacher_the_family_loads(tmp_path):
@@ -212,6 +269,11 @@ def test_states_come_from_markers_results_and_the_record(tmp_path):
                                                    "FileNotFoundError: key 'x' = '/nowhere': file does not exist\n")))
     rows = {r["stage"]: r for r in cluster.stage_states(run, cfg)}
     assert rows["shard"]["state"] == "done" and rows["shard"]["elapsed"] == "1:15"
+    # Requeued once: the job script noted both runs; the stage's own time is its last run's.
+    cluster.attempts_file(run, "990001").write_text('{"task": 0, "restart": 0, "seconds": 100, "rc": 75}\n'
+                                                    '{"task": 0, "restart": 1, "seconds": 80, "rc": 0}\n{"task"')
+    rows = {r["stage"]: r for r in cluster.stage_states(run, cfg)}
+    assert rows["shard"]["elapsed"] == "1:15 (total 3:00)"
     assert rows["train_trunk"]["state"] == "failed"
     assert rows["train_trunk"]["detail"] == "FileNotFoundError: key 'x' = '/nowhere': file does not exist"
     assert rows["train_trunk"]["log"] == str(run / "submitit" / "990002" / "990002_0_log.err")
@@ -463,6 +525,37 @@ def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
     assert all((ema[k] == ema_ref[k]).all() for k in ema)
 
 
+def test_a_preemption_during_start_up_requeues_the_job(slurm, chain, tmp_path):
+    """Rank 0 is held in start-up (fault point startup@0:rank0: its process group is up, nothing else has run)
+    while rank 1 goes on into DeepSpeed's first collective and waits there for it; then a real partition
+    preemption. Rank 0 exits 75 from its handler, rank 1 dies of its peer's exit (or of the signal): either way
+    the job is requeued, not failed, and the restarted job (restart 1: no hold) trains to the end."""
+    local_run, _ = chain
+    run = tmp_path / "run"
+    profile = _profile(tmp_path, tasks_per_node=2)
+    env = {**os.environ, "PIXELGEN_FAULT": "startup@0:rank0"}
+    _submit(slurm, str(TINY), f"run_dir={run}", f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]",
+            "--cluster", str(profile), env=env)
+    job = cluster.latest_jobs(cluster.read_record(run))["train_trunk"]["job_id"]
+    _wait(run, lambda s: "holding at startup@0" in _log(run), timeout=300, what="rank 0 to hold in start-up")
+    time.sleep(5)  # rank 1 is past its own start-up by now, waiting for rank 0 in DeepSpeed's broadcast
+    assert _restarts(job) == ("RUNNING", 0) and not (run / "train_trunk" / "checkpoints").exists()
+    subprocess.run(["sbatch", "--partition=urgent", "--exclusive", "--mem=100M", "--job-name=pixelgen-test-urgent",
+                    f"--output={tmp_path / 'urgent-%j.out'}", "--wrap=sleep 1"], check=True, timeout=60,
+                   capture_output=True)
+    _wait(run, lambda s: _restarts(job)[1] >= 1, timeout=300, what="the requeue")
+    states = _wait(run, _all_done, what="the requeued job to train to the end")
+    assert states["train_trunk"]["job_id"] == job  # the same job came back
+    _wait(run, lambda s: not cluster.active_jobs(run), timeout=120, what="the job to end")
+    attempts = [json.loads(x) for x in cluster.attempts_file(run, job).read_text().splitlines()]
+    assert [(a["restart"], a["rc"] == 0) for a in attempts] == [(0, False), (1, True)]
+    log = _log(run)
+    assert "signal SIGUSR2 outside the training loop" in log  # rank 0's handler, in the fault point's wait
+    assert "requeueing job" in log and "signal(s) noted" in log  # the job script, from the marker
+    assert not list((run / "submitit").glob("preempted-*"))  # consumed by the requeue
+    assert rundir.marker(run, "train_trunk")["steps"] == rundir.load_run_config(run).train_trunk.steps
+
+
 def test_failed_stage_stops_its_dependants_and_resume_finishes(slurm, fake_imagenet, tmp_path):
     run = tmp_path / "run"
     # A training job that crashes at step 4 (as a node failure or an OOM kill would) after a checkpoint at 3.
@@ -527,6 +620,7 @@ def test_time_limit_signal_saves_and_the_job_comes_back(slurm, chain, tmp_path):
     assert f"stopped at step {resumed} on a preemption signal" in _log(run)
     out = pixelgen("status", str(run)).stdout
     assert "running" in out and "requeued 1x" in out and "/1000000 (" in out and "ETA" in out
+    assert "(total " in out  # the first run's time, from the job script's ledger, plus this one's
     # `status --watch` into a pipe prints a table per change of state and returns once nothing can change.
     watch = subprocess.Popen([str(Path(sys.executable).parent / "pixelgen"), "status", str(run), "--watch",
                               "--every", "1"], stdout=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ training stage, time limits, the preemption signal, the container.
 - `status`: squeue, each stage's state and training progress, and cancelling a run's jobs.
 """
 
-from pipeline.cluster.jobs import (EXIT_PREEMPTED, container_mounts, job_parameters, python_command,
+from pipeline.cluster.jobs import (EXIT_PREEMPTED, attempts_file, container_mounts, job_parameters, python_command,
                                    requeue_lines, secret_names)
 from pipeline.cluster.profile import (RUNTIMES, SIGNALS, TRAIN_STAGES, ClusterProfile, ContainerConfig,
                                       StageTimes, TrainNodes, check_experiment, check_partitions, load_profile,
@@ -21,7 +21,7 @@ from pipeline.cluster.status import (ACTIVE, FAILED, active_jobs, cancel, queue,
                                      training_progress)
 
 __all__ = [
-    "ACTIVE", "EXIT_PREEMPTED", "FAILED", "RECORD", "RUNTIMES", "SIGNALS", "TRAIN_STAGES", "ClusterProfile",
+    "ACTIVE", "EXIT_PREEMPTED", "attempts_file", "FAILED", "RECORD", "RUNTIMES", "SIGNALS", "TRAIN_STAGES", "ClusterProfile",
     "ContainerConfig", "StageTimes", "TrainNodes", "active_jobs", "add_submission", "cancel", "check_experiment",
     "check_partitions", "container_mounts", "image_identity", "job_parameters", "latest_jobs", "load_profile",
     "profile_dirs", "profile_path", "python_command", "queue", "read_record", "requeue_lines", "secret_names",

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from pipeline.cluster.profile import RANKED_STAGES, ClusterProfile, tasks_per_node
 from pixelgen import families
+from pixelgen.engine import preemption
 
 # `pixelgen stage` and a stage's SLURM job exit with this after saving a checkpoint on a preemption signal
 # ("temporary failure, try again", sysexits.h); the job script then requeues the job.
@@ -39,28 +40,63 @@ def container_mounts(cfg, run_dir: Path, p: ClusterProfile) -> list[str]:
 
 
 def python_command(cfg, run_dir: Path, p: ClusterProfile) -> str:
-    """The command submitit runs in each task (`<python> -u -m submitit.core._submit FOLDER`)."""
+    """What submitit puts before `-u -m submitit.core._submit FOLDER` in each task: the python, then
+    pipeline.jobstart, which installs the preemption handlers before anything else runs."""
     c = p.container
+    start = "-u -m pipeline.jobstart"
     if c.runtime == "pyxis":
         # srun resolves the executable on the host before entering the container: /usr/bin/env is on both.
-        return f"/usr/bin/env {shlex.quote(c.python)}"
+        return f"/usr/bin/env {shlex.quote(c.python)} {start}"
     if c.runtime == "apptainer":
         binds = ",".join(container_mounts(cfg, run_dir, p))
         nv = "--nv " if p.gpus_per_node else ""
-        return f"apptainer exec {nv}--bind {shlex.quote(binds)} {shlex.quote(c.image)} {shlex.quote(c.python)}"
-    return shlex.quote(sys.executable)  # the submitting environment, on a filesystem the nodes share
+        return (f"apptainer exec {nv}--bind {shlex.quote(binds)} {shlex.quote(c.image)} {shlex.quote(c.python)} "
+                f"{start}")
+    return f"{shlex.quote(sys.executable)} {start}"  # the submitting environment, on a filesystem the nodes share
 
 
-def requeue_lines(p: ClusterProfile) -> list[str]:
-    """After srun: a stage that saved on a preemption signal exits 75; the batch script, outside any container,
-    requeues the job, which then resumes from that checkpoint."""
+def preempt_marker(run_dir: Path) -> str:
+    """The job's preemption marker (pixelgen.engine.preemption), as the batch script spells it: one file per
+    job (an array task is a job of its own), in the run folder, which every task sees at the same path."""
+    return f"{shlex.quote(str(Path(run_dir) / 'submitit' / 'preempted-'))}\"$SLURM_JOB_ID\""
+
+
+def setup_lines(run_dir: Path, p: ClusterProfile) -> list[str]:
+    """Before srun: the signal submitit would listen to, the marker's path for every task, then the profile's."""
+    return [f"export SUBMITIT_PREEMPT_SIGNAL={p.signal}",
+            f"export {preemption.MARKER_ENV}={preempt_marker(run_dir)}",
+            f'rm -f "${preemption.MARKER_ENV}"', *p.setup]
+
+
+def attempts_file(run_dir: Path, job_id: str) -> Path:
+    """One line per run of a job (each requeue starts another), appended by its job script: array task,
+    restart, seconds and srun's status. `pixelgen status` adds them up."""
+    return Path(run_dir) / "submitit" / f"attempts-{job_id}.jsonl"
+
+
+def requeue_lines(p: ClusterProfile, run_dir: Path) -> list[str]:
+    """After srun, in the batch script (outside any container): note this run's time, then requeue the job
+    when a task was sent a preemption signal (the marker exists) or a stage saved on one (exit 75), unless srun
+    succeeded; the job then resumes from what is on disk. A signal during start-up, or a rank that died of its
+    peer's exit, ends here too, whatever srun's status."""
+    marker = f'"${preemption.MARKER_ENV}"'
+    ledger = shlex.quote(str(attempts_file(run_dir, "")).removesuffix(".jsonl")) + \
+        '"${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}.jsonl"'
+    fields = '{"task": %s, "restart": %s, "seconds": %s, "rc": %s}'
     return [
         "rc=$?",
-        f'if [ "$rc" -eq {EXIT_PREEMPTED} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {p.max_requeues} ]; then',
-        '    echo "pixelgen: checkpoint saved on a preemption signal; requeueing job $SLURM_JOB_ID '
-        f'(restart $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of at most {p.max_requeues})" >&2',
+        # $SECONDS counts from the batch script's start: this run's time (squeue's TimeUsed restarts at a requeue).
+        f"printf '{fields}\\n' \"${{SLURM_ARRAY_TASK_ID:-0}}\" \"${{SLURM_RESTART_COUNT:-0}}\" \"$SECONDS\" \"$rc\" "
+        f">> {ledger} || true",
+        f'if [ "$rc" -ne 0 ] && {{ [ "$rc" -eq {EXIT_PREEMPTED} ] || [ -e {marker} ]; }} '
+        f'&& [ "${{SLURM_RESTART_COUNT:-0}}" -lt {p.max_requeues} ]; then',
+        f'    echo "pixelgen: preemption signal (srun exit $rc; $(cat {marker} 2>/dev/null | wc -l) signal(s) '
+        f'noted); requeueing job $SLURM_JOB_ID (restart $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )) of at most '
+        f'{p.max_requeues})" >&2',
+        f"    rm -f {marker}",
         '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
+        f"rm -f {marker}",
         "exit $rc",
     ]
 
@@ -80,7 +116,7 @@ def job_parameters(cfg, run_dir: Path, p: ClusterProfile, stage: str, dependency
     params = dict(job_name=f"pixelgen-{cfg.name}-{stage}", time=getattr(p.time_min, stage), nodes=nodes,
                   ntasks_per_node=tasks, cpus_per_task=cpus, mem=f"{p.mem_gb}GB",
                   signal_delay_s=p.signal_lead_s, additional_parameters=extra,
-                  setup=[f"export SUBMITIT_PREEMPT_SIGNAL={p.signal}", *p.setup], teardown=requeue_lines(p))
+                  setup=setup_lines(run_dir, p), teardown=requeue_lines(p, run_dir))
     if gpus:
         params["gpus_per_node"] = gpus
     partition = (p.shard_partition or p.partition) if stage == "shard" else p.partition

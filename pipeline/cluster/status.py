@@ -10,6 +10,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from pipeline.cluster.jobs import attempts_file
 from pipeline.cluster.profile import TRAIN_STAGES
 from pipeline.cluster.record import RECORD, latest_jobs, read_record
 from pixelgen.io import atomic_write_json
@@ -82,10 +83,43 @@ def _squeue_seconds(used: str) -> int:
         return 0
 
 
+def _task_index(task_id: str) -> int:
+    """squeue's JobArrayID: "123_4" -> 4; a job that is no array -> 0 (as the job script notes it)."""
+    _, _, index = task_id.partition("_")
+    return int(index) if index.isdigit() else 0
+
+
 def _fmt_seconds(s: float) -> str:
     """In squeue's own style (M:SS, H:MM:SS), so finished and running stages read alike in one column."""
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _runs(run_dir: Path, job_id: str) -> dict[int, list[float]]:
+    """{array task: seconds of each finished run} from the job script's ledger (jobs.attempts_file): a job that
+    was requeued has run more than once, and squeue's TimeUsed counts only the current run."""
+    try:
+        lines = attempts_file(run_dir, job_id).read_text().splitlines()
+    except OSError:
+        return {}
+    runs: dict[int, list[float]] = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            runs.setdefault(int(entry["task"]), []).append(float(entry["seconds"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a full disk
+    return runs
+
+
+def _elapsed(this_run: float, runs: dict[int, list[float]], current: dict[int, float]) -> str:
+    """This run's time, and the total over every run of the job when it ran more than once. An array stage's
+    total is its longest task's (they run side by side)."""
+    text = _fmt_seconds(this_run) if this_run else ""
+    if not any(len(r) + (t in current) > 1 for t, r in runs.items()):
+        return text
+    total = max(sum(runs.get(t, [])) + current.get(t, 0) for t in {*runs, *current})
+    return f"{text} (total {_fmt_seconds(total)})".strip()
 
 
 def training_progress(run_dir: Path, cfg, stage: str, eta: bool = True) -> str:
@@ -159,7 +193,8 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
         row = {"stage": stage, "job_id": job["job_id"] if job else None, "elapsed": "", "log": "", "detail": "",
                "restarts": 0, "marker": m}
         if m is not None:
-            row.update(state="done", elapsed=_fmt_seconds(m.get("seconds", 0)))
+            runs = _runs(run_dir, job["job_id"]) if job else {}
+            row.update(state="done", elapsed=_elapsed(m.get("seconds", 0), runs, {}))
         elif job is None:  # a local run (no record), or a stage no submission included
             started = rundir.stage_dir(run_dir, stage).exists()
             row["state"] = "started" if started else ("not submitted" if record else "pending")
@@ -169,7 +204,8 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
             states = {t["state"] for t in tasks}
             row["restarts"] = max((t["restarts"] for t in tasks), default=0)
             used = max((t["seconds"] for t in tasks), default=0)
-            row["elapsed"] = _fmt_seconds(used) if used else ""
+            current = {_task_index(t["id"]): t["seconds"] for t in tasks if t["state"] in ACTIVE}
+            row["elapsed"] = _elapsed(used, _runs(run_dir, jid), current)
             failed_task = next((t["id"] for t in tasks if t["state"] in FAILED), None)
             row["log"] = str(_job_paths(run_dir, failed_task or (f"{jid}_0" if job.get("tasks", 1) > 1 else jid))
                              .stderr)

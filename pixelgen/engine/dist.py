@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pixelgen.engine import faults
+
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -153,6 +155,7 @@ def init_distributed() -> DistInfo:
         # atexit runs handlers last-registered first: anything registered after this point (wandb's own
         # teardown, for one) ends before the process groups go.
         atexit.register(shutdown)
+        faults.hold("startup", int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not on_gpu:
         _share_cores()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pixelgen.data import to_float
-from pixelgen.engine import faults, flops
+from pixelgen.engine import faults, flops, preemption
 from pixelgen.engine.checkpoint import CheckpointManager, rank_file, tag_for
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.engine.dist import DistInfo, init_distributed
@@ -111,6 +111,7 @@ class PreemptionFlag:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        preemption.note(signum)  # first: for the job script, should this rank not get to exit 75
         self.raised = True
 
     def agreed(self, dist: DistInfo, step: int) -> bool:
