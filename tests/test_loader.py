@@ -372,3 +372,58 @@ def test_batches_are_channels_last_views_that_to_float_makes_contiguous(shards):
     assert images.shape[1] == 3 and not images.is_contiguous()  # no host-side layout copy
     out = to_float(images)
     assert out.is_contiguous() and torch.equal(out, to_float(images.contiguous()))
+
+
+# ---- a resume on another number of ranks --------------------------------------------------------
+
+
+def test_a_resume_on_another_rank_count_goes_on_with_the_rest_of_the_epoch(shards):
+    """2 ranks -> 1 rank -> 2 ranks inside epoch 0 (6 images per global batch throughout): every sample of the
+    epoch is read once, each new rank count reads exactly the definition's blocks, and epoch 1 is the last rank
+    count's own plan."""
+    from pixelgen.data.loader import Segment
+
+    sizes = counts(shards)
+    assert sum(sizes) == 36  # 18 per rank at 2 ranks
+    args = dict(seed=1, shuffle_buffer=4, with_keys=True)
+    a, b, c = Segment(0, 2, 3), Segment(2, 1, 6), Segment(4, 2, 3)
+    first = [keys_of(take(train_loader(shards, 3, rank=r, world_size=2, **args), 2)) for r in (0, 1)]
+    second = keys_of(take(train_loader(shards, 6, start_batch=2, segments=[a, b], **args), 2))
+    third = [keys_of(take(train_loader(shards, 3, rank=r, world_size=2, start_batch=4, segments=[a, b, c], **args), 3))
+             for r in (0, 1)]
+    epoch0 = first[0] + first[1] + second + third[0][:6] + third[1][:6]
+    assert sorted(epoch0) == sorted(plan_keys(shards, _all(sizes, 2)))  # all 36, none twice
+    # The definition: the old ranks' unread samples, joined in rank order, cut into one block per new rank.
+    old = [epoch_plan(sizes, 1, 0, r, 2, 4) for r in (0, 1)]
+    rest = plan_keys(shards, old[0])[6:] + plan_keys(shards, old[1])[6:]
+    assert second == rest[:12]
+    assert third[0][:6] == rest[12:18] and third[1][:6] == rest[18:24]
+    # Epoch 1 is the 2-rank plan, as in a run that never changed.
+    for r in (0, 1):
+        assert third[r][6:] == plan_keys(shards, epoch_plan(sizes, 1, 1, r, 2, 4))[:3]
+    # A run that stays at one rank count is unchanged by naming its one segment.
+    plain = keys_of(take(train_loader(shards, 3, rank=1, world_size=2, start_batch=3, **args), 4))
+    assert plain == keys_of(take(train_loader(shards, 3, rank=1, world_size=2, start_batch=3, segments=[a], **args), 4))
+    with pytest.raises(ValueError, match="is not this run's"):
+        train_loader(shards, 3, rank=0, world_size=2, start_batch=4, segments=[a, b], **args)
+
+
+def _all(sizes, world):
+    return tuple(np.concatenate([epoch_plan(sizes, 1, 0, r, world, 4)[i] for r in range(world)]) for i in range(3))
+
+
+def test_the_cut_after_a_change_drops_only_the_remainder_and_later_epochs_follow():
+    from pixelgen.data.loader import Segment, segment_start
+
+    sizes = [7, 6]  # 13 samples: one rank reads 13 per epoch, two read 6 each
+    pos = lambda plan: list(zip(plan[0].tolist(), plan[1].tolist()))  # noqa: E731
+    # One rank, 2 per batch, for 1 batch; then two ranks of 1: 11 left in epoch 0, 5 each, 1 dropped.
+    epoch, blocks = segment_start(sizes, 3, 4, [Segment(0, 1, 2), Segment(1, 2, 1)])
+    whole = pos(epoch_plan(sizes, 3, 0, 0, 1, 4))
+    assert epoch == 0 and [pos(b) for b in blocks] == [whole[2:7], whole[7:12]]  # whole[12] is the cut's drop
+    # A change after the epoch ended (15 batches of 1 on two ranks: 6 in epoch 0, then 6, then 3 in epoch 2).
+    epoch, blocks = segment_start(sizes, 3, 4, [Segment(0, 2, 1), Segment(15, 1, 2)])
+    e2 = [pos(epoch_plan(sizes, 3, 2, r, 2, 4)) for r in (0, 1)]
+    assert epoch == 2 and [pos(b) for b in blocks] == [e2[0][3:] + e2[1][3:]]
+    with pytest.raises(ValueError, match="out of order"):
+        segment_start(sizes, 3, 4, [Segment(0, 2, 1), Segment(4, 1, 2), Segment(2, 2, 1)])

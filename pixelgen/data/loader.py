@@ -6,6 +6,12 @@ only read and decode the samples a batch names, reaching them by offset inside t
 stream does not depend on num_workers, resumes at any batch without replaying the ones before, and
 every rank gets the same number of samples, which keeps distributed training in step.
 
+A run resumed on another number of ranks (`Segment`s: the rank counts it ran at, and from which batch) goes
+on with the rest of the current epoch: the samples each old rank had not reached yet, joined in rank order,
+are cut into one contiguous block per new rank (the last len % new_world are dropped, as every epoch drops
+total % world_size), and the epochs after it are the new rank count's own `epoch_plan`s. So no sample of
+the epoch is seen twice or skipped, but for those few dropped at the cut.
+
 Batches stay uint8 on the host (4x less to copy than float); `to_float` converts them on the device.
 """
 
@@ -254,6 +260,50 @@ def epoch_plan(
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A stretch of a training run at one rank count: from batch `from_batch` on (every rank's batch index is
+    the same), `world_size` ranks each take batches of `batch_size`."""
+
+    from_batch: int
+    world_size: int
+    batch_size: int
+
+
+Plan = tuple[np.ndarray, np.ndarray, np.ndarray]  # (shard index, member index, flip), as epoch_plan returns
+
+
+def _cat(blocks: list[Plan]) -> Plan:
+    return tuple(np.concatenate([b[i] for b in blocks]) for i in range(3))
+
+
+def segment_start(counts: list[int], seed: int, shuffle_buffer: int, segments: list[Segment]) -> tuple[int, list[Plan]]:
+    """(epoch, each rank's block of it) where the last segment starts: the rest of the epoch the segment before
+    had reached, redistributed over the last segment's ranks (see the module docstring). One segment: epoch 0,
+    its `epoch_plan` blocks."""
+    total = sum(counts)
+    first = segments[0]
+    if first.from_batch != 0:
+        raise ValueError(f"the first segment starts at batch {first.from_batch}, not 0")
+    epoch = 0
+    blocks = [epoch_plan(counts, seed, 0, r, first.world_size, shuffle_buffer) for r in range(first.world_size)]
+    for seg, nxt in zip(segments, segments[1:]):
+        if nxt.from_batch < seg.from_batch:
+            raise ValueError(f"segments out of order: batch {nxt.from_batch} after {seg.from_batch}")
+        _check_plan_args(total, seed, 0, nxt.world_size, shuffle_buffer, f"segment from batch {nxt.from_batch}")
+        n = (nxt.from_batch - seg.from_batch) * seg.batch_size  # samples each rank took in this segment
+        if n >= len(blocks[0][0]):  # past the segment's first (partial) epoch: into the plain epochs after it
+            n -= len(blocks[0][0])
+            skip, n = divmod(n, total // seg.world_size)
+            epoch += 1 + skip
+            blocks = [epoch_plan(counts, seed, epoch, r, seg.world_size, shuffle_buffer)
+                      for r in range(seg.world_size)]
+        rest = _cat([tuple(column[n:] for column in b) for b in blocks])
+        share = len(rest[0]) // nxt.world_size
+        blocks = [tuple(column[r * share:(r + 1) * share] for column in rest) for r in range(nxt.world_size)]
+    return epoch, blocks
+
+
+@dataclass(frozen=True)
 class _BatchPlan:
     """The batch sampler: one rank's endless stream of epoch blocks, cut into batches of (shard, member, flip)."""
 
@@ -264,11 +314,21 @@ class _BatchPlan:
     shuffle_buffer: int
     batch_size: int
     start_batch: int
+    segments: tuple[Segment, ...] = ()  # the run's rank counts before this one's; () = always this one
 
     def _samples(self) -> Iterator[tuple[int, int, bool]]:
         length = sum(self.counts) // self.world_size
-        first_epoch, offset = divmod(self.start_batch * self.batch_size, length)
-        for epoch in itertools.count(first_epoch):
+        position = self.start_batch * self.batch_size
+        first_epoch = 0
+        if len(self.segments) > 1:
+            last = self.segments[-1]
+            epoch, blocks = segment_start(self.counts, self.seed, self.shuffle_buffer, list(self.segments))
+            own, position = blocks[self.rank], (self.start_batch - last.from_batch) * self.batch_size
+            for start in range(position, len(own[0]), self.batch_size):
+                yield from zip(*(column[start : start + self.batch_size].tolist() for column in own))
+            position, first_epoch = max(0, position - len(own[0])), epoch + 1
+        skip, offset = divmod(position, length)
+        for epoch in itertools.count(first_epoch + skip):
             plan = epoch_plan(self.counts, self.seed, epoch, self.rank, self.world_size, self.shuffle_buffer)
             # A batch-sized slice at a time: a whole ImageNet epoch as Python ints would take ~100 MB per rank.
             for start in range(offset, length, self.batch_size):
@@ -299,6 +359,7 @@ def train_loader(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     start_batch: int = 0,
+    segments: Iterable[Segment] = (),
     resolution: int | None = None,
     with_keys: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -307,6 +368,8 @@ def train_loader(
     Batch b holds positions [b*B, (b+1)*B) of this rank's stream, the concatenation of its `epoch_plan`
     blocks for epochs 0, 1, ...; a batch may span two epochs. The stream depends on (seed, rank,
     world_size, shuffle_buffer, batch_size) only, and `start_batch=k` starts at batch k directly.
+    `segments`: the rank counts the run trained at before, oldest first, the last being this one (see the
+    module docstring); at most one segment, the stream is this rank count's alone.
     `resolution` is required for shards of original images (the loader crops them) and must match
     the manifest for preprocessed ones.
     """
@@ -318,6 +381,11 @@ def train_loader(
     paths = shard_paths(shard_dir, "train")
     counts = [shard["count"] for shard in manifest["splits"]["train"]["shards"]]
     _check_plan_args(sum(counts), seed, rank, world_size, shuffle_buffer, f"the train split of {shard_dir}")
+    segments = tuple(segments)
+    if segments and (segments[-1].world_size, segments[-1].batch_size) != (world_size, batch_size) \
+            or segments and start_batch < segments[-1].from_batch:
+        raise ValueError(f"the last segment {segments[-1]} is not this run's ({world_size} ranks of batches of "
+                         f"{batch_size} from batch {start_batch} on)")
     target = _target(shard_dir, manifest, resolution)
     # Checked up front so a missing shard fails the start of training, not the epoch that first reaches it.
     for path in paths:
@@ -326,7 +394,7 @@ def train_loader(
 
     loader = torch.utils.data.DataLoader(
         _TrainSamples(_ShardReader(paths, counts), target),
-        batch_sampler=_BatchPlan(counts, seed, rank, world_size, shuffle_buffer, batch_size, start_batch),
+        batch_sampler=_BatchPlan(counts, seed, rank, world_size, shuffle_buffer, batch_size, start_batch, segments),
         num_workers=num_workers,
         collate_fn=functools.partial(_collate, with_keys=with_keys),
         pin_memory=torch.cuda.is_available(),
