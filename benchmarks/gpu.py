@@ -323,9 +323,10 @@ class TrainRow:
 
 
 def synthetic_data(resolution: int, num_classes: int, device: torch.device, pool: int = 2):
-    """TrainTask.data_fn over random uint8 images in memory: (micro, rank, world, start) -> endless iterator of
-    (uint8 [micro, 3, H, W], int64 [micro]) on the host, pinned on a GPU machine as the loader's batches are."""
-    def data_fn(micro, rank, world, start_batch):
+    """TrainTask.data_fn over random uint8 images in memory: (micro, rank, world, start, segments) -> endless
+    iterator of (uint8 [micro, 3, H, W], int64 [micro]) on the host, pinned on a GPU machine as the loader's
+    batches are."""
+    def data_fn(micro, rank, world, start_batch, segments):
         g = torch.Generator().manual_seed(start_batch * world + rank)
         batches = []
         for _ in range(pool):

@@ -110,14 +110,16 @@ def _train(cfg, run_dir: Path, stage: str, make_model) -> dict:
     shards_dir = shard_dir(cfg, run_dir)
     data_shards.shard_paths(shards_dir, "train")  # fail before DeepSpeed starts when the train split is missing
 
-    def data_fn(micro, rank, world, start_batch):
+    def data_fn(micro, rank, world, start_batch, segments):
         return iter(data_loader.train_loader(shards_dir, micro, seed=tc.seed, rank=rank, world_size=world,
                                              num_workers=cfg.data.num_workers,
                                              shuffle_buffer=cfg.data.shuffle_buffer, start_batch=start_batch,
+                                             segments=[data_loader.Segment(*s) for s in segments],
                                              resolution=cfg.data.resolution))
 
+    # The loader carries its position across a change of rank count (pixelgen.data.loader's Segment).
     task = TrainTask(make_model=make_model, trainable=family.trainable(cfg, stage), loss_fn=loss_fn,
-                     sample_fn=_sample_fn(cfg), data_fn=data_fn, lr_of=family.lr_of(cfg, stage),
+                     sample_fn=_sample_fn(cfg), data_fn=data_fn, data_any_world=True, lr_of=family.lr_of(cfg, stage),
                      loss_terms=family.plot_keys)
     plain = to_container(cfg)
     result = run_training(task, tc, rundir.stage_dir(run_dir, stage), logging=cfg.logging,

@@ -4,8 +4,9 @@
 
 The JSON holds DecoderTrainConfig keys plus the worker's own: `noise` (draw noise from the global RNG in the loss,
 so resume must restore RNG states), `nan_batches` (global micro-batch indices whose loss is NaN, gradients
-finite), `nan_grad_batches` (loss finite, gradients NaN) and `train` ("all" or "decoder": the `trunk.`
-parameters stay frozen). Torch's distributed variables come from the
+finite), `nan_grad_batches` (loss finite, gradients NaN), `train` ("all" or "decoder": the `trunk.`
+parameters stay frozen) and `any_world` (declare the stream the same at any rank count, as it is: false makes
+the engine refuse a resume on another rank count, as for a loader that cannot carry its position across). Torch's distributed variables come from the
 test that launched it. Prints the result as JSON and exits 75 when preempted, as `pixelgen stage` does.
 """
 
@@ -24,7 +25,7 @@ from pixelgen.engine.config import DecoderTrainConfig, LoggingConfig
 from pixelgen.engine.train import run_training, TrainTask
 
 RES, CLASSES = 8, 4
-WORKER_KEYS = {"noise": True, "nan_batches": [], "nan_grad_batches": [], "train": "all"}
+WORKER_KEYS = {"noise": True, "nan_batches": [], "nan_grad_batches": [], "train": "all", "any_world": True}
 
 
 class PoisonGrad(torch.autograd.Function):
@@ -72,7 +73,7 @@ def make_task(opts: dict) -> TrainTask:
         out = model(torch.zeros(CLASSES, 3, RES, RES), y)
         return ((out.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8)
 
-    def data_fn(micro, rank, world, start_batch):
+    def data_fn(micro, rank, world, start_batch, segments):
         # Global micro-batch b holds micro * world images; rank r takes its slice, so any rank count sees the
         # same global batches.
         for b in itertools.count(start_batch):
@@ -88,6 +89,7 @@ def make_task(opts: dict) -> TrainTask:
 
     trainable = (lambda n: n.startswith("decoder.")) if opts["train"] == "decoder" else (lambda n: True)
     return TrainTask(make_model=Toy, trainable=trainable, loss_fn=loss_fn, sample_fn=sample_fn, data_fn=data_fn,
+                     data_any_world=opts["any_world"],  # true: global micro-batch b is the same at any rank count
                      lr_of=(lambda n: opts["trunk_lr"] if n.startswith("trunk.") else opts["lr"])
                      if opts.get("trunk_lr") is not None else None)
 

@@ -232,7 +232,8 @@ def _killed_and_resumed(ref: Path, tmp_path: Path, world: int, fault: str, **ove
     states = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero3 else "mp_rank_00_model_states.pt"
     client = torch.load(tmp_path / "checkpoints" / "step00000010" / states, weights_only=False)
     assert client["wandb_id"] == run_id and client["step"] == 10
-    assert client["data"] == {"start_batch": 20, "micro_batch": 4 // world, "world_size": world}
+    assert client["data"] == {"start_batch": 20, "micro_batch": 4 // world, "world_size": world,
+                              "segments": [[0, world, 4 // world]]}  # one rank count throughout
 
 
 TIMING = ("img_per_s", "step_time_s", "data_wait", "peak_mem_gib")
@@ -413,13 +414,37 @@ def test_trunk_at_its_own_learning_rate(tmp_path):
     assert not any(torch.equal(export[k], initial[k]) for k in export if k.startswith("decoder."))
 
 
-def test_changing_the_rank_count_stops_with_a_clear_message(tmp_path):
-    run(tmp_path, 1, fault="step@5")
-    results = run(tmp_path, 2)
+def test_changing_the_rank_count_stops_with_a_clear_message_where_the_stream_cannot_follow(tmp_path):
+    run(tmp_path, 1, fault="step@5", any_world=False)
+    results = run(tmp_path, 2, any_world=False)
     assert all(code != 0 for code, _ in results)
     assert "written by 1 ranks but this run has 2" in results[0][1]
-    assert "relaunch with 1 ranks" in results[0][1]
+    assert "cannot carry its data position" in results[0][1] and "relaunch with 1 ranks" in results[0][1]
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_resume_on_another_rank_count_goes_on_with_the_same_batches(tmp_path, zero):
+    """2 ranks -> 1 rank -> 2 ranks, each change at a crash after a checkpoint: the ZeRO shards go through
+    DeepSpeed's universal checkpoint, the EMAs are joined and cut again, and the stream goes on at the next
+    global micro-batch (the worker's batches are the same at any rank count). Without noise in the loss the
+    run then equals an uninterrupted 2-rank run up to the rounding of a different summation order."""
+    spec = dict(zero_stage=zero, noise=False, steps=9, ckpt_every=3)
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    ok(run(ref, 2, **spec))
+    first = run(out, 2, fault="step@4", **spec)  # after the checkpoint at step 3
+    assert any(code == -signal.SIGKILL for code, _ in first)
+    second = run(out, 1, fault="step@7", **spec)  # resumes at 3 on one rank; killed after its checkpoint at 6
+    assert "from checkpoint step 3 (written by 2 ranks, resumed on 1)" in second[0][1]
+    assert json.loads((out / "checkpoints" / "step00000006" / "COMPLETE.json").read_text())["world_size"] == 1
+    third = ok(run(out, 2, **spec))
+    assert "from checkpoint step 6 (written by 1 ranks, resumed on 2)" in third[0][1]
+    assert (out / "checkpoints" / "step00000006" / "universal" / "COMPLETE.json").is_file()
+    # The loss history is continuous (each step once) and step by step that of the uninterrupted run.
+    assert [r["step"] for r in metrics(out)] == list(range(1, 10))
+    for a, b in zip(metrics(out), metrics(ref)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    assert_same_weights(exported(out), exported(ref), exact=False, rtol=1e-4, atol=1e-6)  # model and each EMA
 
 
 # ----------------------------------------------------------------------------------- preemption and health

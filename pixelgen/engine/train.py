@@ -43,12 +43,18 @@ class TrainTask:
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
     # model -> uint8 images [N, 3, H, W] for the sample grid
     sample_fn: Callable[[nn.Module], torch.Tensor]
-    # (micro_batch, rank, world_size, start_batch) -> iterator of (uint8 images, labels)
-    data_fn: Callable[[int, int, int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    # (micro_batch, rank, world_size, start_batch, segments) -> iterator of (uint8 images, labels). `segments`:
+    # the rank counts the run trained at, oldest first, as (from_batch, world_size, micro_batch), the last
+    # being this run's; one segment when the rank count never changed.
+    data_fn: Callable[[int, int, int, int, list[tuple[int, int, int]]], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     # parameter name -> its base learning rate (None: the config's lr for all)
     lr_of: Optional[Callable[[str], float]] = None
     # the loss's named parts that get a panel in curves.png beside the total loss (those never logged are left out)
     loss_terms: tuple[str, ...] = ()
+    # True when data_fn carries its position across a change of rank count, given the segments (the shards'
+    # loader: pixelgen.data.loader), or its global micro-batch b is the same images at any rank count: then
+    # the engine resumes a checkpoint of another rank count. False: it refuses, naming the reason.
+    data_any_world: bool = False
 
 
 @dataclass
@@ -224,6 +230,7 @@ class _Run:
     peak: float | None
     meter: _Meter
     step: int  # optimizer steps done
+    segments: list[tuple[int, int, int]]  # (from_batch, world_size, micro_batch): see TrainTask.data_fn
 
     def autocast(self):
         return autocast(self.cfg.precision, self.dist.device)
@@ -260,29 +267,44 @@ def _make_engine(model: nn.Module, named_trainable: list, task: TrainTask, cfg: 
     return engine, optimizer
 
 
-def _resume(ckpts: CheckpointManager, engine, ema: EMA, micro: int, dist: DistInfo, out_dir: Path):
+def _resume(ckpts: CheckpointManager, engine, ema: EMA, micro: int, dist: DistInfo, out_dir: Path,
+            task: TrainTask, seed: int):
     """Load the newest complete checkpoint into the engine, the EMAs and this rank's RNG; return its step and
-    client state, or (0, {}) on a fresh start."""
-    resumed = ckpts.load(engine)
+    client state, or (0, {}) on a fresh start. A checkpoint of another rank count loads when the task's data
+    stream allows it (TrainTask.data_any_world): ZeRO shards and EMAs are repartitioned, and each rank's RNG
+    is seeded afresh from (seed, step, rank), since the old ranks' streams do not map onto the new ones."""
+    resumed = ckpts.load(engine, other_world=task.data_any_world)
     if resumed is None:
-        return 0, {}
-    step, client, own = resumed
+        return 0, {}, []
+    step, client, own = resumed.step, resumed.client_state, resumed.rank_state
     source = f"checkpoint {ckpts.dir / tag_for(step)}"
-    if client["data"]["micro_batch"] != micro:
-        raise RuntimeError(f"{source} was trained with micro-batches of {client['data']['micro_batch']} "
-                           f"images per rank, this run has {micro} (batch_size / (grad_accum x ranks)): set "
-                           f"batch_size and grad_accum back to resume, or move the checkpoints aside")
-    # Sharded EMAs are in each rank's own file; whole ones (and ZeRO-3 shards of older checkpoints) in the
-    # client state.
+    saved = client["data"]
+    # The same global micro-batch (micro x ranks images), whatever the rank count: batch_size and grad_accum
+    # are unchanged.
+    if saved["micro_batch"] * saved.get("world_size", resumed.saved_world) != micro * dist.world_size:
+        raise RuntimeError(f"{source} was trained with micro-batches of {saved['micro_batch']} images on each "
+                           f"of {resumed.saved_world} ranks, this run has {micro} on each of {dist.world_size} "
+                           f"(batch_size / (grad_accum x ranks)): set batch_size and grad_accum back to resume, "
+                           f"or move the checkpoints aside")
+    # Sharded EMAs are in each rank's own file (joined whole by the checkpoint when the world changed); whole
+    # ones (and ZeRO-3 shards of older checkpoints) in the client state.
     ema_state = own.get("ema", client.get("ema"))
     if ema_state is None:
         raise RuntimeError(f"{source} holds no EMA state for rank {dist.rank} ({rank_file(dist.rank)} is "
                            f"missing): move the checkpoint aside to resume from the one before it")
     ema.load_state_dict(ema_state, source)
-    _set_rng_state(client["rng"][dist.rank])
+    changed = resumed.saved_world != dist.world_size
+    if changed:
+        _seed_all(int(np.random.SeedSequence([seed, step, dist.rank, dist.world_size]).generate_state(1)[0]))
+    else:
+        _set_rng_state(client["rng"][dist.rank])
     if dist.is_main:
-        console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}")
-    return step, client
+        note = f" (written by {resumed.saved_world} ranks, resumed on {dist.world_size})" if changed else ""
+        console.print(f"[green]resuming[/green] {out_dir.name} from checkpoint step {step}{note}")
+    segments = [tuple(x) for x in saved.get("segments", [(0, resumed.saved_world, saved["micro_batch"])])]
+    if changed:
+        segments.append((saved["start_batch"], dist.world_size, micro))
+    return step, client, segments
 
 
 def _setup(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: LoggingConfig, run_name: str,
@@ -295,11 +317,12 @@ def _setup(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: Logging
     ema = EMA(named_trainable, cfg.ema_decays, engine)  # of the optimizer's fp32 masters
     ckpts = CheckpointManager(out_dir / "checkpoints", cfg.keep_ckpts, dist.is_main, dist.world_size, dist.rank)
     micro = _micro_batch(cfg, dist.world_size)
-    step, client = _resume(ckpts, engine, ema, micro, dist, out_dir)
+    step, client, segments = _resume(ckpts, engine, ema, micro, dist, out_dir, task, cfg.seed)
+    segments = segments or [(0, dist.world_size, micro)]
     log = MetricsLogger(out_dir, logging, enabled=dist.is_main, run_name=run_name, group=group,
                         config=run_config, resume_step=step, run_id=client.get("wandb_id"))
     nonfinite = _NonFinite(dist.device, cfg.max_nonfinite_steps, client.get("skipped_steps", 0))
-    data = task.data_fn(micro, dist.rank, dist.world_size, client["data"]["start_batch"] if client else 0)
+    data = task.data_fn(micro, dist.rank, dist.world_size, client["data"]["start_batch"] if client else 0, segments)
     flag = PreemptionFlag()
     peak = flops.peak_tflops(dist.device, cfg.peak_tflops)
     meter = _Meter()
@@ -311,7 +334,7 @@ def _setup(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: Logging
     return _Run(task=task, cfg=cfg, out_dir=out_dir, dist=dist, bf16=bf16, model=model,
                 named_trainable=named_trainable, frozen_fp32=frozen_fp32, engine=engine, optimizer=optimizer,
                 ema=ema, ckpts=ckpts, micro=micro, log=log, nonfinite=nonfinite, data=data, flag=flag, peak=peak,
-                meter=meter, step=step)
+                meter=meter, step=step, segments=segments)
 
 
 def _train_step(run: _Run) -> None:
@@ -401,7 +424,7 @@ def _save(run: _Run, step: int) -> None:
     run.ckpts.save(run.engine, step, {
         "step": step, "rng": rng, "wandb_id": run.log.run_id,
         "data": {"start_batch": step * run.cfg.grad_accum, "micro_batch": run.micro,
-                 "world_size": run.dist.world_size},
+                 "world_size": run.dist.world_size, "segments": [list(x) for x in run.segments]},
         "skipped_steps": skipped, "flops_per_image": run.meter.flops_per_image,
         **({} if run.ema.sharded else {"ema": ema})},
         rank_state={"ema": ema} if run.ema.sharded else None)  # each rank's own shards in its own file
