@@ -17,7 +17,10 @@ from rich.text import Text
 import pixelgen
 from pipeline.config import STAGES, ConfigError, _explain, load_config
 
-console = Console(soft_wrap=True)  # long paths and messages stay on one line, copyable
+# Long paths and messages stay on one line, copyable. Off a terminal (a log file, a pipe) rich would lay the
+# tables out in COLUMNS or 80 columns, a width a file does not have, and fold every long cell over several
+# lines; there they get 200.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 EPILOG = """examples:
   pixelgen fake-imagenet runs/fake-imagenet

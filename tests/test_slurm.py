@@ -619,8 +619,8 @@ def test_time_limit_signal_saves_and_the_job_comes_back(slurm, chain, tmp_path):
     assert state == "RUNNING" and restarts >= 1  # not TIMEOUT: the signal came early enough to save and requeue
     assert f"stopped at step {resumed} on a preemption signal" in _log(run)
     out = pixelgen("status", str(run)).stdout
-    assert "running" in out and "requeued 1x" in out and "/1000000 (" in out and "ETA" in out
-    assert "(total " in out  # the first run's time, from the job script's ledger, plus this one's
+    assert "running" in out and "requeued 1x" in out and "/1000000 (" in out and "ETA" in out, out
+    assert "(total " in out, out  # the first run's time, from the job script's ledger, plus this one's
     # `status --watch` into a pipe prints a table per change of state and returns once nothing can change.
     watch = subprocess.Popen([str(Path(sys.executable).parent / "pixelgen"), "status", str(run), "--watch",
                               "--every", "1"], stdout=subprocess.PIPE, text=True)
