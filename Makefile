@@ -4,19 +4,22 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
-PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
+LOCK := docker/lock/cpu.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha256sum | cut -c1-12)
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test clean-demo gpu-wheels
+.PHONY: install demo test clean-demo gpu-wheels lock image pin-bases sqsh sif
 
-# torch and torchvision first, as a matched pair from the registry (the local CPU-only torch wheel has no
-# matching torchvision); then DeepSpeed without build isolation so its build uses that torch instead of
-# pulling a second one; then the package and the rest, all pinned by constraints.txt.
-$(STAMP): pyproject.toml constraints.txt
+# The same hash-locked package set as the CPU image (docker/lock/cpu.txt, made by `make lock`): everything but
+# DeepSpeed with its hashes required and nothing resolved, then DeepSpeed, whose build imports that torch
+# (without build isolation, which would pull a second one), then pixelgen itself, editable.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) torch torchvision
-	$(PIP) --no-build-isolation deepspeed
-	$(PIP) -e '.[test]'
+	$(PY) docker/lock.py --split $(LOCK) $(VENV)/lock
+	$(PIP) --require-hashes --no-deps -r $(VENV)/lock/first.txt
+	$(PIP) --require-hashes --no-deps --no-build-isolation -r $(VENV)/lock/deepspeed.txt
+	$(PIP) --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -31,15 +34,35 @@ test: install
 clean-demo:
 	rm -rf runs/demo runs/fake-imagenet
 
+# The lock (docker/lock.py): regenerate after changing pyproject.toml's dependencies; UPGRADE=1 for the newest.
+lock: install
+	$(BIN)/python docker/lock.py $(if $(UPGRADE),--upgrade)
+
+# The image (docker/build-image): LOCK_KIND=cpu|cuda, BASE= to override docker/bases.env, IMAGE= the tag.
+LOCK_KIND ?= cpu
+image:
+	docker/build-image --lock $(LOCK_KIND) $(if $(BASE),--base $(BASE)) $(if $(IMAGE),--tag $(IMAGE))
+
+pin-bases:
+	docker/convert pin-bases
+
+# For pyxis/enroot and Apptainer (docker/convert): IMAGE= the tag `make image` printed, OUT= the file.
+sqsh:
+	docker/convert sqsh $(IMAGE) $(or $(OUT),pixelgen.sqsh)
+
+sif:
+	docker/convert sif $(IMAGE) $(or $(OUT),pixelgen.sif)
+
 # What benchmarks/gpu.py needs on the GPU machine beyond its own packages (it has Python 3.12 and torch, and
 # reaches no registry), as wheels in .whl/ that travel with the working tree (docs/benchmarks.md, "One GPU").
 GPU_PY ?= 3.12
 GPU_PURE := deepspeed hjson omegaconf pydantic annotated-types typing-inspection typing-extensions
 gpu-wheels: install
 	rm -rf .whl && mkdir -p .whl
-	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -c constraints.txt \
+	$(BIN)/python docker/lock.py --pins $(LOCK) > .whl/pins.txt
+	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -c .whl/pins.txt \
 		-w .whl $(GPU_PURE)
-	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -c constraints.txt \
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -c .whl/pins.txt \
 		--python-version $(GPU_PY) --implementation cp --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl pydantic-core
 	ls -l .whl
