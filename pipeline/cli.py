@@ -104,6 +104,7 @@ def _load_cluster(name: str, cfg, dry_run: bool = False):
                           f"(sudo slurm/local/up); --dry-run writes the job scripts without any of them")
     cluster.check_experiment(cfg, profile, f"{cfg.name} on cluster profile {path}")
     cluster.check_partitions(profile, path)
+    cluster.check_image(profile)
     return path, profile
 
 

@@ -6,7 +6,8 @@ or the unpickling of the job killed the task with the signal, and srun reported 
 before the stage starts is noted for the job script (pixelgen.engine.preemption) and ends the task with exit
 75: nothing has run that needs saving, and the script requeues. submitit's own handlers (rank 0 checkpoints
 and calls `scontrol requeue` from inside the handler, which races the other ranks and needs SLURM's tools in
-the container) are not installed; `StageJob` installs the stage's handlers when it starts.
+the container) are not installed; `StageJob` installs the stage's handlers when it starts. In a container
+image, a job submitted from a checkout at another revision than the image's stops here (pipeline.image).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 
+from pipeline import image
 from pixelgen.engine import preemption
 
 EXIT_PREEMPTED = 75  # pipeline.cluster.EXIT_PREEMPTED, not imported: this module stays light until the handlers are in
@@ -34,6 +36,11 @@ def main(argv: list[str]) -> None:
     if argv[:3] != ["-u", "-m", "submitit.core._submit"] or len(argv) != 4:
         raise SystemExit(f"pipeline.jobstart expects `-u -m submitit.core._submit FOLDER` (submitit's job "
                          f"command), got {argv}")
+    problem = image.check_job()  # before the job's pickle, which names the submitting checkout's code
+    if problem:
+        sys.stderr.write(f"pixelgen: {problem}\n")
+        sys.stderr.flush()
+        raise SystemExit(image.EXIT_MISMATCH)
     from submitit.core import job_environment, submission
 
     # Keep ours until StageJob installs the stage's own (see the module docstring).

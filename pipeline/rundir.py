@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import pixelgen
-from pipeline import migrations
+from pipeline import image, migrations
 from pipeline.config import ConfigError, STAGES, config_hash, from_container, to_container, to_yaml
 from pixelgen.engine.dist import launcher_env
 from pixelgen.io import atomic_write_json, atomic_write_text, read_json
@@ -67,14 +67,19 @@ def missing_inputs(cfg, run_dir: str | Path) -> list[str]:
 
 
 def git_revision() -> str:
+    """The checkout's commit (`-dirty` with uncommitted changes to tracked files); in a container image, the
+    revision it was built from; else "unknown"."""
     root = Path(pixelgen.__file__).resolve().parent.parent
+    baked = (image.image_info() or {}).get("revision", "unknown")
+    if not (root / ".git").exists():
+        return baked
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return baked
 
 
 def _flatten(d, prefix=""):

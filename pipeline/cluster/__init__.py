@@ -16,14 +16,14 @@ from pipeline.cluster.jobs import (EXIT_PREEMPTED, attempts_file, container_moun
 from pipeline.cluster.profile import (RUNTIMES, SIGNALS, TRAIN_STAGES, ClusterProfile, ContainerConfig,
                                       StageTimes, TrainNodes, check_experiment, check_partitions, load_profile,
                                       profile_dirs, profile_path, tasks_per_node, validate_profile, world_size)
-from pipeline.cluster.record import RECORD, add_submission, image_identity, latest_jobs, read_record
+from pipeline.cluster.record import RECORD, add_submission, check_image, image_identity, latest_jobs, read_record
 from pipeline.cluster.status import (ACTIVE, FAILED, active_jobs, cancel, queue, stage_states,
                                      training_progress)
 
 __all__ = [
     "ACTIVE", "EXIT_PREEMPTED", "attempts_file", "FAILED", "RECORD", "RUNTIMES", "SIGNALS", "TRAIN_STAGES", "ClusterProfile",
     "ContainerConfig", "StageTimes", "TrainNodes", "active_jobs", "add_submission", "cancel", "check_experiment",
-    "check_partitions", "container_mounts", "image_identity", "job_parameters", "latest_jobs", "load_profile",
+    "check_image", "check_partitions", "container_mounts", "image_identity", "job_parameters", "latest_jobs", "load_profile",
     "profile_dirs", "profile_path", "python_command", "queue", "read_record", "requeue_lines", "secret_names",
     "stage_states", "tasks_per_node", "training_progress", "validate_profile", "world_size",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from pipeline import image
 from pipeline.cluster.profile import RANKED_STAGES, ClusterProfile, tasks_per_node
 from pixelgen import families
 from pixelgen.engine import preemption
@@ -62,10 +63,15 @@ def preempt_marker(run_dir: Path) -> str:
 
 
 def setup_lines(run_dir: Path, p: ClusterProfile) -> list[str]:
-    """Before srun: the signal submitit would listen to, the marker's path for every task, then the profile's."""
+    """Before srun: the signal submitit would listen to, the marker's path for every task, the submitting
+    checkout's revision (a container image of another one stops the job at start, pipeline.image), then the
+    profile's lines."""
+    from pipeline.rundir import git_revision
+
     return [f"export SUBMITIT_PREEMPT_SIGNAL={p.signal}",
             f"export {preemption.MARKER_ENV}={preempt_marker(run_dir)}",
-            f'rm -f "${preemption.MARKER_ENV}"', *p.setup]
+            f'rm -f "${preemption.MARKER_ENV}"',
+            f"export {image.SUBMIT_ENV}={shlex.quote(git_revision())}", *p.setup]
 
 
 def attempts_file(run_dir: Path, job_id: str) -> Path:

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 import pixelgen
 from pipeline.cluster.profile import ClusterProfile
-from pipeline.config import config_hash
+from pipeline.config import ConfigError, config_hash
+from pipeline.image import mismatch
 from pixelgen.io import atomic_write_json, read_json
 
 RECORD = "run_record.json"
@@ -40,6 +41,9 @@ def add_submission(run_dir: Path, cfg, command: str, profile_path: str, profile:
     }
     record["submissions"].append(entry)
     atomic_write_json(Path(run_dir) / RECORD, record)
+    run_json = Path(run_dir) / "run.json"
+    if entry["container"] and run_json.is_file():  # the image the run's jobs now run in, beside its provenance
+        atomic_write_json(run_json, {**read_json(run_json, "run.json"), "container": entry["container"]})
     return entry
 
 
@@ -52,8 +56,9 @@ def latest_jobs(record: dict | None) -> dict[str, dict]:
 
 
 def image_identity(p: ClusterProfile) -> dict | None:
-    """What the run record says about the container: image, digest when known (from the profile or an
-    image@sha256:... reference), and for an image file its size and modification time."""
+    """What the run record says about the container: image, digest when known (from the profile, an
+    image@sha256:... reference, or the IMAGE.json that docker/convert writes beside a .sqsh/.sif file, with
+    the image's revision and lock), and for an image file its size and modification time."""
     c = p.container
     if c.runtime == "none":
         return None
@@ -64,4 +69,25 @@ def image_identity(p: ClusterProfile) -> dict | None:
     if path.is_file():
         st = path.stat()
         info.update(size=st.st_size, mtime=datetime.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"))
+    sidecar = path.with_name(path.name + ".json")
+    if sidecar.is_file():
+        labels = read_json(sidecar, "image labels (docker/convert)")
+        if c.digest and labels.get("digest") and labels["digest"] != c.digest:
+            raise ConfigError(f"container.digest = {c.digest} in the cluster profile, but {sidecar} says the image "
+                              f"{c.image} is {labels['digest']}: correct (or remove) container.digest, or "
+                              f"reconvert the image (make sqsh / make sif)")
+        info["digest"] = info["digest"] or labels.get("digest")
+        info.update({k: labels.get(k) for k in ("revision", "version", "lock", "lock_sha256")})
+    return info
+
+
+def check_image(p: ClusterProfile) -> dict | None:
+    """The container's identity (image_identity); refuses, before anything is submitted, an image whose
+    pixelgen revision is known and names another commit than this checkout."""
+    from pipeline.rundir import git_revision
+
+    info = image_identity(p)
+    problem = mismatch(git_revision(), (info or {}).get("revision"), f"the image {p.container.image}")
+    if problem:
+        raise ConfigError(problem)
     return info
