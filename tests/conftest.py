@@ -9,9 +9,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 
-# Tests never reach a network and never need a GPU.
+# Tests never need a GPU, and reach no network but the package registry (the image build, test_image.py).
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_collection_finish(session):
+    """The image build (tests/test_image.py) takes minutes of downloads and layer commits, mostly I/O: start it
+    now, in the background, when any selected test needs it, so that it overlaps the tests before it."""
+    if any("built" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests import test_image
+
+        test_image.start_build()
 
 
 @pytest.fixture(autouse=True, scope="module")
