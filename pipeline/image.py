@@ -41,7 +41,7 @@ def mismatch(submitted: str | None, image: str | None, where: str) -> str | None
     a, b = commit(submitted), commit(image)
     if a is None or b is None or a == b:
         return None
-    return (f"{where} holds pixelgen {image}, but the job was submitted from a checkout at {submitted}: the job "
+    return (f"{where} holds pixelgen {image}, but the submitting checkout is at {submitted}: the job "
             f"would run other code than the one submitted. Rebuild the image at this checkout (make image, then "
             f"make sqsh/sif) and point the cluster profile's container.image at it, or submit from a checkout "
             f"at {commit(image)} (git checkout {commit(image)})")

@@ -99,7 +99,7 @@ def test_revisions_compare_by_commit():
     assert image.mismatch("abc", "abc-dirty", "x") is None
     assert image.mismatch("unknown", "abc", "x") is None and image.mismatch("abc", None, "x") is None
     message = image.mismatch("abc", "def", "the image /i.sqsh")
-    assert "the image /i.sqsh holds pixelgen def" in message and "checkout at abc" in message
+    assert "the image /i.sqsh holds pixelgen def" in message and "submitting checkout is at abc" in message
 
 
 def test_a_job_in_an_image_of_another_revision_stops_at_start(tmp_path):
@@ -111,7 +111,7 @@ def test_a_job_in_an_image_of_another_revision_stops_at_start(tmp_path):
                           env={**env, image.INFO_ENV: str(info), image.SUBMIT_ENV: "2222222222222222222222222222222222222222"})
     assert proc.returncode == image.EXIT_MISMATCH, proc.stderr
     assert f"this job's image ({info}) holds pixelgen 1111111111111111111111111111111111111111" in proc.stderr
-    assert "submitted from a checkout at 2222222222222222222222222222222222222222" in proc.stderr
+    assert "the submitting checkout is at 2222222222222222222222222222222222222222" in proc.stderr
 
 
 def test_the_job_script_exports_the_checkout_revision(tmp_path, fake_imagenet):
@@ -133,7 +133,7 @@ def _sqsh_profile(tmp_path: Path, revision: str, digest: str = "sha256:" + "ab" 
 def test_submission_refuses_an_image_of_another_revision(tmp_path, fake_imagenet):
     profile = _sqsh_profile(tmp_path, "0" * 40)
     with pytest.raises(AssertionError, match=rf"the image {tmp_path}/pixelgen.sqsh holds pixelgen 0{{40}}, but the "
-                                             rf"job was submitted from a checkout at {rundir.git_revision()}"):
+                                             rf"submitting checkout is at {rundir.git_revision()}"):
         _dry_run(tmp_path, fake_imagenet, profile)
 
 
@@ -287,7 +287,7 @@ class Chroot:
         subprocess.run(["podman", "image", "unmount", self.tag], capture_output=True, timeout=60)
 
 
-def test_the_image_is_labelled_with_this_checkout(built):
+def test_the_image_is_labelled_with_this_checkout(built, tmp_path):
     tag, build = built
     labels = _inspect(tag, "{{json .Config.Labels}}")
     lock_sha = hashlib.sha256((ROOT / "docker" / "lock" / "cpu.txt").read_bytes()).hexdigest()
@@ -299,6 +299,14 @@ def test_the_image_is_labelled_with_this_checkout(built):
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
     if build:  # not for PIXELGEN_TEST_IMAGE
         assert build.strip().splitlines()[-1] == digest  # make image prints the digest last
+    # The labels file docker/convert writes beside an image file is what the submission checks and records.
+    sqsh = tmp_path / "pixelgen.sqsh"
+    sqsh.write_bytes(b"squashfs stand-in")
+    _run(ROOT / "docker" / "convert", "labels", tag, sqsh)
+    _, profile = cluster.load_profile(str(_profile(tmp_path, gpus_per_node=4, tasks_per_node=None,
+                                                   **{"container.runtime": "pyxis", "container.image": str(sqsh)})))
+    info = cluster.check_image(profile)
+    assert (info["digest"], info["revision"], info["lock_sha256"]) == (digest, rundir.git_revision(), lock_sha)
 
 
 def test_the_image_holds_the_lock_and_runs_the_chain(built):
