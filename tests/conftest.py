@@ -14,14 +14,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def pytest_collection_finish(session):
-    """The image build (tests/test_image.py) takes minutes of downloads and layer commits, mostly I/O: start it
-    now, in the background, when any selected test needs it, so that it overlaps the tests before it."""
-    if any("built" in getattr(item, "fixturenames", ()) for item in session.items):
-        from tests import test_image
-
-        test_image.start_build()
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
