@@ -63,19 +63,17 @@ def fingerprint(pyproject: Path, target: Target) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def read_lock(path: Path) -> dict[str, tuple[str, int]]:
-    """{normalized name: (version, number of hashes)} of a requirements file made by uv."""
-    pins: dict[str, tuple[str, int]] = {}
-    name = None
-    for line in path.read_text().splitlines():
-        if m := re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", line):
-            name = normalize(m[1])
-            pins[name] = (m[2], 0)
-        elif name and "--hash=sha256:" in line:
-            pins[name] = (pins[name][0], pins[name][1] + 1)
-        elif line and not line.startswith((" ", "#")):
-            name = None
+def pins_of(text: str) -> dict[str, tuple[str, int]]:
+    """{normalized name: (version, number of hashes)} of the `name==version` requirements in `text`."""
+    pins = {}
+    for name, lines in stanzas(text):
+        if name and (m := re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==([^\s\\;]+)", lines)):
+            pins[name] = (m[1], lines.count("--hash=sha256:"))
     return pins
+
+
+def read_lock(path: Path) -> dict[str, tuple[str, int]]:
+    return pins_of(path.read_text())
 
 
 def header_fingerprint(path: Path) -> str | None:
@@ -123,8 +121,8 @@ def check(root: Path = ROOT) -> list[str]:
     return problems
 
 
-def uv(*args: str, src: str = "pyproject.toml") -> str:
-    cmd = [sys.executable, "-m", "uv", "pip", "compile", src, "--index-url", INDEX, "--quiet", *args]
+def uv(*args: str) -> str:
+    cmd = [sys.executable, "-m", "uv", "pip", "compile", "pyproject.toml", "--index-url", INDEX, "--quiet", *args]
     env = {**os.environ, "UV_NO_CONFIG": "1"}
     env.setdefault("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
     return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout

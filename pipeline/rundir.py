@@ -70,16 +70,15 @@ def git_revision() -> str:
     """The checkout's commit (`-dirty` with uncommitted changes to tracked files); in a container image, the
     revision it was built from; else "unknown"."""
     root = Path(pixelgen.__file__).resolve().parent.parent
-    baked = (image.image_info() or {}).get("revision", "unknown")
     if not (root / ".git").exists():
-        return baked
+        return (image.image_info() or {}).get("revision", "unknown")
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return baked
+        return "unknown"
 
 
 def _flatten(d, prefix=""):

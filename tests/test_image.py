@@ -38,7 +38,7 @@ sys.path.pop(0)
 
 
 def _pins(text: str) -> dict[str, str]:
-    return {lock.normalize(m[1]): m[2] for m in re.finditer(r"^([A-Za-z0-9][\w.-]*)==(\S+)", text, re.M)}
+    return {name: version for name, (version, _) in lock.pins_of(text).items()}
 
 
 # ----------------------------------------------------------------------------------------------- the lock
