@@ -29,6 +29,7 @@ EPILOG = """examples:
   pixelgen run configs/pixeldit_b.yaml --cluster mycluster     (slurm/mycluster.yaml)
   pixelgen status runs/demo
   pixelgen resume runs/demo
+  pixelgen extend runs/demo train_trunk.steps=400 train_trunk.keep_every=100
   pixelgen stage train_trunk configs/demo.yaml
   pixelgen shards verify runs/demo/shard
 """
@@ -391,20 +392,45 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from pipeline import cluster, rundir
+    from pipeline import rundir
 
     run_dir = Path(args.run_dir)
-    cfg = rundir.load_run_config(run_dir)
-    record = cluster.read_record(run_dir)
-    name = args.cluster or (record["submissions"][-1]["cluster"] if record else None)
     _refuse_if_busy(run_dir)
+    return _continue(rundir.load_run_config(run_dir), run_dir, args.cluster, args.executor)
+
+
+def _continue(cfg, run_dir: Path, cluster_name: str | None, executor: str, command: str = "resume") -> int:
+    """Run the unfinished stages here, or submit them to `cluster_name` (default: the run record's last)."""
+    from pipeline import cluster
+
+    record = cluster.read_record(run_dir)
+    name = cluster_name or (record["submissions"][-1]["cluster"] if record else None)
     if name is None:
-        console.print(f"{run_dir} ran on this machine: resuming it here (--cluster NAME submits it to SLURM)")
+        console.print(f"{run_dir} ran on this machine: running it here (--cluster NAME submits it to SLURM)")
         _check_inputs(cfg, run_dir)
-        return _run_here(cfg, run_dir, args.executor)
+        return _run_here(cfg, run_dir, executor)
     path, profile = _load_cluster(name, cfg)
     _check_inputs(cfg, run_dir, (path, profile))
-    return _submit(cfg, run_dir, path, profile, command="resume")
+    return _submit(cfg, run_dir, path, profile, command=command)
+
+
+def cmd_extend(args) -> int:
+    from pipeline import rundir
+    from pipeline.config import with_overrides
+
+    run_dir = Path(args.run_dir)
+    if not args.overrides:
+        raise ConfigError("pixelgen extend needs the keys to change, e.g. train_trunk.steps=200 "
+                          "train_trunk.keep_every=100")
+    cfg = with_overrides(rundir.load_run_config(run_dir), args.overrides, str(run_dir / "config.yaml"))
+    rundir.resolve_paths(cfg)
+    _refuse_if_busy(run_dir)
+    rundir.prepare(cfg, command="extend")  # refuses a key that would change what was trained, naming it
+    console.print(f"{run_dir}: took {' '.join(args.overrides)} (recorded in {run_dir / 'run.json'})")
+    if args.no_run:
+        console.print(f"run it with `pixelgen resume {run_dir}`")
+        return 0
+    return _continue(cfg, run_dir, args.cluster, args.executor, command="extend")
 
 
 def cmd_fake_imagenet(args) -> int:
@@ -498,6 +524,24 @@ def _add_run_dir_commands(sub) -> None:
     p.add_argument("--cluster", metavar="NAME", help="submit to this cluster profile instead of the recorded one")
     _executor_arg(p)
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("extend", formatter_class=_FMT, help="change a run's steps, cadences or FID settings and go on",
+                       description="Take config changes that leave what has been trained as it is: more steps "
+                                   "under a constant LR (a finished stage continues from its last checkpoint, "
+                                   "and the stages made from its old end run again), log/sample/checkpoint/"
+                                   "milestone cadences, logging, sampler and FID keys; recorded in run.json's "
+                                   "history. A key that would make the checkpoints mean something else (model, "
+                                   "objective, data, batch, a cosine schedule's length) is refused, named. Then "
+                                   "the unfinished stages run as with `resume`.",
+                       epilog="examples:\n  pixelgen extend runs/pixeldit_b train_trunk.steps=800000 "
+                              "train_trunk.keep_every=100000\n  pixelgen extend runs/demo fid.samples_per_class=50 "
+                              "--no-run")
+    p.add_argument("run_dir", help="the run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the keys to change")
+    p.add_argument("--cluster", metavar="NAME", help="submit to this cluster profile instead of the recorded one")
+    p.add_argument("--no-run", action="store_true", help="record the change only; `pixelgen resume` runs it")
+    _executor_arg(p)
+    p.set_defaults(func=cmd_extend)
 
 
 def _add_data_commands(sub) -> None:

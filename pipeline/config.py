@@ -123,6 +123,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         if loaded is None:
             loaded = OmegaConf.create({})
         cfg = _merge(cfg, loaded, str(path))
+    return with_overrides(cfg, overrides, str(path) if path is not None else "defaults")
+
+
+def with_overrides(cfg, overrides: list[str], source: str):
+    """`cfg` (typed) with `key=value` overrides applied, validated; `source` names where `cfg` came from."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form key=value (e.g. train_trunk.steps=100)")
@@ -131,7 +136,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         except OmegaConfBaseException as err:
             raise ConfigError(f"command line: cannot parse override '{item}': {err}") from None
         cfg = _merge(cfg, dot, f"command line override '{item}'")
-    source = str(path) if path is not None else "defaults"
     if overrides:
         source += f" with overrides {' '.join(overrides)}"
     validate(cfg, source)

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 import pixelgen
 from pipeline import image, migrations
-from pipeline.config import ConfigError, STAGES, config_hash, from_container, to_container, to_yaml
+from pipeline.config import ConfigError, STAGES, config_hash, from_container, to_yaml
 from pixelgen.engine.dist import launcher_env
 from pixelgen.io import atomic_write_json, atomic_write_text, read_json
 
@@ -81,38 +81,22 @@ def git_revision() -> str:
         return "unknown"
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def prepare(cfg, command: str = "run") -> Path:
+    """Create the run folder and record the config. On an existing folder, take the changes it accepts
+    (pipeline.changes: resources, more steps under a constant LR, cadences, logging, sampling and FID keys),
+    setting aside what they made stale and recording them in run.json's history, and refuse any other,
+    naming the key."""
+    from pipeline import changes
 
-
-# Where a stage runs, not what it computes: a resumed run may change them (a requeued job gets another
-# allocation). The FID stage resumes on any number of ranks; a training stage's checkpoint says itself when
-# it cannot (pixelgen.engine.checkpoint).
-RESOURCE_KEYS = ("launch.",)
-
-
-def prepare(cfg) -> Path:
-    """Create the run folder and record the config; refuse to reuse a folder made with another experiment
-    (any key but the resources, RESOURCE_KEYS, whose new values are recorded)."""
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
-        old = _flatten(to_container(load_run_config(run_dir)))
-        new = _flatten(to_container(cfg))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        if any(not k.startswith(RESOURCE_KEYS) for k in changed):
-            changed = [k for k in changed if not k.startswith(RESOURCE_KEYS)]
-            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            raise ConfigError(f"run folder {run_dir} was made with a different config ({detail}). Resume it with "
-                              f"the same config, or pick a new run_dir=... for the changed experiment")
-        if changed:
+        change = changes.classify(load_run_config(run_dir), cfg, run_dir)
+        if change.recorded:
+            _refuse_if_running(run_dir, cfg.stages)
+            for note in changes.apply(change, run_dir, command, config_hash(cfg)):
+                print(f"pixelgen: {note}", flush=True)
+        if change.keys:
             atomic_write_text(saved, migrations.with_version(to_yaml(cfg)))  # the jobs read their config here
         return run_dir
     # Owner only: the run folder holds the pickled jobs (code) and the logs.
@@ -126,6 +110,21 @@ def prepare(cfg) -> Path:
     })
     atomic_write_text(saved, migrations.with_version(to_yaml(cfg)))  # last: config.yaml means fully prepared
     return run_dir
+
+
+def _refuse_if_running(run_dir: Path, stages) -> None:
+    """A config change is not taken while a stage of the run is running here or queued on SLURM: the running
+    job would finish under the old config and mark its stage done."""
+    from pipeline import cluster
+
+    busy = cluster.active_jobs(run_dir)
+    if busy:
+        raise ConfigError(f"run folder {run_dir} still has jobs queued or running ({', '.join(busy)}): wait for them "
+                          f"or `pixelgen cancel {run_dir}`, then change its config")
+    for stage in stages:
+        if stage_dir(run_dir, stage).exists():
+            with stage_lock(run_dir, stage):  # raises StageBusy naming the holder
+                pass
 
 
 def load_run_config(run_dir: str | Path):

@@ -145,8 +145,8 @@ def test_run_folder_records_config_version_and_git(tmp_path):
     cfg.launch.fid.tasks = 4
     rundir.prepare(cfg)
     assert rundir.load_run_config(run_dir).launch.fid.tasks == 4
-    cfg.train_trunk.steps = 99
-    with pytest.raises(ConfigError, match="train_trunk.steps") as err:
+    cfg.train_trunk.lr = 0.5
+    with pytest.raises(ConfigError, match="train_trunk.lr") as err:
         rundir.prepare(cfg)
     assert "launch" not in str(err.value)
 

@@ -9,7 +9,7 @@ import yaml
 
 from pipeline import cli, migrations, rundir
 from pipeline.config import _MOVED as MOVED, ConfigError, load_config, to_container
-from pipeline.rundir import _flatten
+from pipeline.changes import _flatten
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "run_folders"

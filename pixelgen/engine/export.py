@@ -9,6 +9,7 @@ Frozen parameters have no master copy: their fp32 values are kept from before De
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +22,20 @@ from pixelgen.io import atomic_write
 
 MODEL_FILE = "model.safetensors"  # the training weights
 PRIMARY_EMA = "ema.safetensors"
+MILESTONES = "milestones"  # <stage>/milestones/step<N>/: the same files as export/, kept at keep_every steps
+
+
+def milestone_dir(stage_dir: str | Path, step: int) -> Path:
+    return Path(stage_dir) / MILESTONES / f"step{step:08d}"
+
+
+def milestones(stage_dir: str | Path) -> dict[int, Path]:
+    """{step: folder} of a stage's complete milestones (a folder is renamed into place once every file is in)."""
+    found = {}
+    for path in sorted((Path(stage_dir) / MILESTONES).glob("step[0-9]*")):
+        if path.is_dir() and path.name[4:].isdigit():
+            found[int(path.name[4:])] = path
+    return found
 
 
 def ema_filename(index: int, decay: float) -> str:
@@ -64,6 +79,24 @@ def export_weights(engine, ema, frozen_fp32: dict[str, torch.Tensor], out_dir: P
             faults.point("export")
     barrier()
     return out_dir
+
+
+def export_milestone(engine, ema, frozen_fp32: dict[str, torch.Tensor], stage_dir: Path, step: int, is_main: bool,
+                     meta: dict) -> Path:
+    """The export at `step` into milestones/step<N>/, written under a temporary name and renamed when complete,
+    so a process killed halfway leaves no milestone that looks whole (the retry after resume overwrites it)."""
+    final = milestone_dir(stage_dir, step)
+    partial = final.with_name(f".{final.name}.partial")
+    if is_main:
+        partial.mkdir(parents=True, exist_ok=True)
+    barrier()
+    export_weights(engine, ema, frozen_fp32, partial, is_main, meta)
+    if is_main:
+        if final.exists():  # a run resumed from before this step exports it again: the same weights
+            shutil.rmtree(final)
+        partial.rename(final)
+    barrier()
+    return final
 
 
 def weights_metadata(path: str | Path) -> dict:

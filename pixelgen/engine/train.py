@@ -27,7 +27,7 @@ from pixelgen.engine.checkpoint import CheckpointManager, rank_file, tag_for
 from pixelgen.engine.config import LoggingConfig, TrainConfig
 from pixelgen.engine.dist import DistInfo, init_distributed
 from pixelgen.engine.ema import EMA
-from pixelgen.engine.export import export_weights
+from pixelgen.engine.export import export_milestone, export_weights
 from pixelgen.engine.logger import MetricsLogger, console
 from pixelgen.engine.optim import SkippingAdamW, param_groups
 from pixelgen.models.layers import attention_report
@@ -462,6 +462,10 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
                 _log_interval(run, step)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
                 _sample_grid(run, step)
+            # Before the checkpoint of the same step: a run resumed from that checkpoint never exports it again.
+            if cfg.keep_every and step % cfg.keep_every == 0:
+                export_milestone(run.engine, run.ema, run.frozen_fp32, run.out_dir, step, run.dist.is_main,
+                                 meta={**export_meta, "step": step})
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 _save(run, step)
             # A signal during the last step changes nothing: the run is complete and goes on to its export.
