@@ -30,6 +30,7 @@ EPILOG = """examples:
   pixelgen status runs/demo
   pixelgen resume runs/demo
   pixelgen extend runs/demo train_trunk.steps=400 train_trunk.keep_every=100
+  pixelgen eval runs/demo --steps 100,200 --weights ema,ema-0.999
   pixelgen stage train_trunk configs/demo.yaml
   pixelgen shards verify runs/demo/shard
 """
@@ -454,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_chain_commands(sub)
     _add_run_dir_commands(sub)
+    _add_loop_commands(sub)
     _add_data_commands(sub)
     return parser
 
@@ -542,6 +544,14 @@ def _add_run_dir_commands(sub) -> None:
     p.add_argument("--no-run", action="store_true", help="record the change only; `pixelgen resume` runs it")
     _executor_arg(p)
     p.set_defaults(func=cmd_extend)
+
+
+def _add_loop_commands(sub) -> None:
+    """What people do with a run after launching it: eval (its own module)."""
+    from pipeline import evaluate
+
+    for module in (evaluate,):
+        module.add_parser(sub, _FMT)
 
 
 def _add_data_commands(sub) -> None:

@@ -224,19 +224,28 @@ def sweep_points(cfg, source: str = "config") -> list[SweepPoint]:
     of fid.weights, e.g. ema-0.9999) to score another EMA: the CFG scale x EMA decay sweep papers tune on."""
     points = []
     for entry in cfg.fid.sweep:
-        items = entry.split()
-        if not items or any("=" not in item for item in items):
-            raise ConfigError(f"{source}: key 'fid.sweep' entry {entry!r}: write space-separated sampler keys "
-                              f"and optionally weights=..., e.g. \"guidance=semantic semantic_cfg_scale=2.0\" or "
-                              f"\"cfg_scale=1.5 weights=ema-0.9999\"")
-        weights = [item.split("=", 1)[1] for item in items if item.startswith("weights=")]
-        keys = [item for item in items if not item.startswith("weights=")]
-        try:
-            sampler = OmegaConf.merge(cfg.sampler, OmegaConf.from_dotlist(keys))
-        except OmegaConfBaseException as err:
-            raise _explain(err, f"{source}: key 'fid.sweep' entry {entry!r}") from None
-        points.append(SweepPoint(entry, sampler, weights[-1] if weights else cfg.fid.weights))
+        where = f"{source}: key 'fid.sweep' entry {entry!r}"
+        if not entry.split():
+            raise ConfigError(f"{where}: an entry sets at least one sampler key (the config's own sampler is "
+                              f"always scored first)")
+        sampler, weights = sampler_entry(cfg, entry, where)
+        points.append(SweepPoint(entry, sampler, weights or cfg.fid.weights))
     return points
+
+
+def sampler_entry(cfg, entry: str, where: str):
+    """(the run's sampler with the entry's space-separated sampler keys set, the entry's weights=... or None)."""
+    items = entry.split()
+    if any("=" not in item for item in items):
+        raise ConfigError(f"{where}: write space-separated sampler keys and optionally weights=..., e.g. "
+                          f"\"guidance=semantic semantic_cfg_scale=2.0\" or \"cfg_scale=1.5 weights=ema-0.9999\"")
+    weights = [item.split("=", 1)[1] for item in items if item.startswith("weights=")]
+    keys = [item for item in items if not item.startswith("weights=")]
+    try:
+        sampler = OmegaConf.merge(cfg.sampler, OmegaConf.from_dotlist(keys))
+    except OmegaConfBaseException as err:
+        raise _explain(err, where) from None
+    return sampler, weights[-1] if weights else None
 
 
 def check_weights(cfg, key: str, weights: str, fail) -> None:

@@ -53,6 +53,29 @@ class StageJob(submitit.helpers.Checkpointable):
             sys.exit(cluster.EXIT_PREEMPTED)
 
 
+class EvalJob(submitit.helpers.Checkpointable):
+    """One point of `pixelgen eval --cluster` (a task of its job array): scored into the run's eval/ folder,
+    requeued on preemption like a stage, going on from the chunks on disk."""
+
+    def __init__(self, run_dir: str, point: dict):
+        self.run_dir = run_dir
+        self.point = point
+
+    def __call__(self) -> list[dict]:
+        from pipeline import evaluate
+        from pipeline.stages import StagePreempted
+
+        _export_distributed_env()
+        _announce("eval")
+        _preempt_outside_training()
+        cfg = rundir.load_run_config(self.run_dir)
+        try:
+            return evaluate.run_points(cfg, Path(self.run_dir), [evaluate.EvalPoint(**self.point)])
+        except StagePreempted as err:
+            print(f"pixelgen: {err}", file=sys.stderr, flush=True)
+            sys.exit(cluster.EXIT_PREEMPTED)
+
+
 def _announce(stage: str) -> None:
     """One line per job start in the job's log: which stage, which restart, which secrets arrived (by name)."""
     if os.environ.get("SLURM_PROCID", "0") != "0":
@@ -265,6 +288,23 @@ def submit_slurm(cfg, run_dir: Path, profile_path: str, profile: cluster.Cluster
         if jobs and not dry_run:
             cluster.add_submission(run_dir, cfg, command, profile_path, profile, jobs)
     return jobs
+
+
+def submit_eval(cfg, run_dir: Path, profile_path: str, profile: cluster.ClusterProfile, points: list[dict]) -> str:
+    """One job array, a task per point, with the FID stage's resources; recorded in the run record as `eval`."""
+    executor = submitit.SlurmExecutor(folder=_submitit_folder(run_dir) / "%j",
+                                      python=cluster.python_command(cfg, run_dir, profile), max_num_timeout=0)
+    params = cluster.job_parameters(cfg, run_dir, profile, "fid", None)
+    executor.update_parameters(**{**params, "job_name": f"pixelgen-{cfg.name}-eval"})
+    try:
+        with executor.batch():
+            jobs = [executor.submit(EvalJob(str(run_dir), point)) for point in points]
+    except _REFUSED as err:
+        raise SubmissionError(f"the evaluation's job array was not submitted: {str(err).strip()}") from err
+    job_id = jobs[0].job_id.split("_")[0]
+    cluster.add_submission(run_dir, cfg, "eval", profile_path, profile, {"eval": {"job_id": job_id,
+                                                                                 "tasks": len(points)}})
+    return job_id
 
 
 def _write_script(executor, folder: Path, stage: str, tasks: int) -> Path:

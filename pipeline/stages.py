@@ -355,11 +355,14 @@ class _Points:
         return Plan(cfg.model.num_classes, cfg.fid.samples_per_class, cfg.fid.chunk_size, cfg.fid.batch_size,
                     cfg.fid.seed, key)
 
-    def score(self, k: int, point: SweepPoint, total: int) -> dict | None:
-        """Point k's record (None on ranks other than the main one). Raises StagePreempted after finishing
-        the chunk in hand when a preemption signal arrived."""
+    def score(self, name: str, point: SweepPoint, label: str = "", primary: bool = False,
+              extra: dict | None = None) -> dict | None:
+        """The record of the point kept as points/<name>.json (None on ranks other than the main one), with
+        `extra` in it; `label` says which point it is in the log; the primary point's grid is samples.png, with
+        samples.npz beside it.
+        Raises StagePreempted after finishing the chunk in hand when a preemption signal arrived."""
         out, cfg = self.out, self.cfg
-        record_path = out / "points" / f"point{k:03d}.json"
+        record_path = out / "points" / f"{name}.json"
         gen_path = _generator_weights(cfg, self.run_dir, point.weights)
         gen_sha = _from_main(sha256_file(gen_path) if _is_main() else None)
         plan = self.plan(point, gen_sha)
@@ -368,14 +371,14 @@ class _Points:
         if _is_main() and record_path.is_file():
             saved = json.loads(record_path.read_text())
             done = saved if saved.get("plan") == expected else None
-        folder = out / "chunks" / f"point{k:03d}"
+        folder = out / "chunks" / name
         if _from_main(done is not None):
             if _is_main() and folder.exists():  # killed between writing the record and removing the chunks
                 shutil.rmtree(folder)
             return done
         todo = _from_main(sampling.open_plan(folder, plan) if _is_main() else None)
         rank, world = self.dist.rank, self.dist.world_size
-        what = f" ({point.entry}; sweep {k}/{total - 1})" if k else ""
+        what = f" ({label})" if label else ""
         if _is_main():
             console.print(f"sampling {plan.num_samples} images in {plan.num_chunks} chunks{what}: "
                           f"{plan.num_chunks - len(todo)} on disk, {len(todo)} to draw on {world} rank(s)",
@@ -391,7 +394,7 @@ class _Points:
             flag.restore()
         if not finished:
             raise StagePreempted(f"fid stopped on a preemption signal with {len(list(folder.glob('chunk*.npz')))} of "
-                                 f"{plan.num_chunks} chunks of point {k} on disk; rerun to resume (a SLURM job "
+                                 f"{plan.num_chunks} chunks of point {name} on disk; rerun to resume (a SLURM job "
                                  f"requeues itself)")
         barrier()  # every chunk on disk
         if not _is_main():
@@ -401,31 +404,40 @@ class _Points:
                                           cfg.fid.metrics)
         counts = torch.bincount(torch.cat(labels), minlength=plan.num_classes)
         images, per_row = sampling.grid_images(folder, plan)
-        grid = save_grid(images, out / ("samples.png" if k == 0 else f"points/point{k:03d}.png"), nrow=per_row)
-        if k == 0:  # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators
+        grid = save_grid(images, out / ("samples.png" if primary else f"points/{name}.png"), nrow=per_row)
+        if primary:  # ADM-style sample batch (uint8 NHWC, arr_0) so the numbers can be checked with other evaluators
             sampling.write_samples_npz(folder, plan, out / "samples.npz")
         record = {"sampler": point.entry, "weights": point.weights, **metrics, "generator_weights": str(gen_path),
                   "generator_step": weights_metadata(gen_path).get("step"),  # the training step they come from
                   "class_counts": {"min": int(counts.min()), "max": int(counts.max())},
-                  "sample_grid": str(grid), "plan": expected}
+                  "sample_grid": str(grid), **(extra or {}), "plan": expected}
         atomic_write_json(record_path, record)
         shutil.rmtree(folder)  # its numbers are in the record, its images (point 0) in samples.npz
         return record
 
 
-def stage_fid(cfg, run_dir: Path) -> dict:
+def fid_scorer(cfg, run_dir: Path, out: Path) -> tuple[_Points, int | None, dict]:
+    """What scores points into `out` under the run's FID protocol (fid.*): the Inception features and the
+    reference (cached beside the shards). Returns (scorer, reference image count or None, reference entries)."""
     manifest = _checked_manifest(cfg, run_dir)
-    out = rundir.stage_dir(run_dir, "fid")
     out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed()
     weights, is_proxy = fid_lib.resolve_inception_weights(cfg.fid, out)
     extractor = fid_lib.InceptionFeatures(weights, device=dist.device, batch_size=cfg.fid.batch_size)
     proto = fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)  # hashes the weights file once
     ref_stats, num_ref, ref_desc = _reference(cfg, run_dir, manifest, out, extractor, proto["weights_sha256"])
+    return _Points(cfg, run_dir, out, extractor, ref_stats, {**proto, "proxy": is_proxy}), num_ref, ref_desc
+
+
+def stage_fid(cfg, run_dir: Path) -> dict:
+    out = rundir.stage_dir(run_dir, "fid")
+    scorer, num_ref, ref_desc = fid_scorer(cfg, run_dir, out)
+    dist, ref_stats, proto = scorer.dist, scorer.ref_stats, dict(scorer.proto)
+    is_proxy = proto.pop("proxy")
 
     points = [SweepPoint("", cfg.sampler, cfg.fid.weights), *sweep_points(cfg)]
-    scorer = _Points(cfg, run_dir, out, extractor, ref_stats, proto)
-    rows = [scorer.score(k, point, len(points)) for k, point in enumerate(points)]
+    rows = [scorer.score(f"point{k:03d}", point, f"{point.entry}; sweep {k}/{len(points) - 1}" if k else "",
+                         primary=k == 0) for k, point in enumerate(points)]
     if not _is_main():
         return {"rank": dist.rank}
     main = rows[0]

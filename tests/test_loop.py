@@ -1,9 +1,10 @@
-"""The researcher's loop on a run folder: extend a finished run, keep milestones.
+"""The researcher's loop on a run folder: extend a finished run, keep milestones, evaluate them afterwards.
 
 The runs are real (the tiny config through `pixelgen run`, DeepSpeed on gloo, real shards and torch-fidelity's
 Inception with random weights); the refusals are checked on a prepared folder without training."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,37 @@ def test_milestones_survive_the_rolling_deletion_of_checkpoints(runs):
     assert all((milestone[k] == first_end[k]).all() for k in first_end)
     assert _same(extended / "train_trunk" / "milestones" / "step00000006" / "ema.safetensors",
                  extended / "train_trunk" / "export" / "ema.safetensors")
+
+
+def test_eval_over_two_milestones_and_two_emas_resumes_after_a_kill(runs):
+    extended = runs[0]
+    args = ["eval", str(extended), "--steps", "2,4", "--weights", "ema,ema-0.5"]
+    killed = pixelgen(*args, env={**os.environ, "PIXELGEN_FAULT": "eval_point@1"}, check=False)
+    assert killed.returncode == -9, killed.stdout + killed.stderr  # SIGKILL after the second point's record
+    points = extended / "eval" / "points"
+    kept = {p.name: p.stat().st_mtime_ns for p in points.glob("*.json")}
+    assert sorted(kept) == ["train_trunk-step00000002-ema-0.5.json", "train_trunk-step00000002-ema.json"]
+    proc = pixelgen(*args)
+    out = proc.stdout + proc.stderr
+    assert out.count(": on record") == 2 and "4 points (2 on record already)" in out
+    assert {p.name: p.stat().st_mtime_ns for p in points.glob("*.json") if p.name in kept} == kept  # not redone
+    results = json.loads((extended / "eval" / "results.json").read_text())
+    rows = [(r["step"], r["weights"]) for r in results["points"]]
+    assert rows == [(2, "ema"), (2, "ema-0.5"), (4, "ema"), (4, "ema-0.5")]
+    assert all(r["fid"] > 0 and r["generator_step"] == r["step"] for r in results["points"])
+    assert len({r["fid"] for r in results["points"]}) == 4  # four different generators
+    assert Path(results["plot"]).stat().st_size > 10_000
+    assert (extended / "eval" / "points" / "train_trunk-step00000004-ema-0.5.png").is_file()
+
+
+def test_eval_names_what_is_not_on_disk(runs, capsys):
+    extended = runs[0]
+    assert cli.main(["eval", str(extended), "--steps", "3"]) == 2
+    assert "--steps 3: train_trunk has weights at steps [2, 4, 6] only" in capsys.readouterr().out
+    assert cli.main(["eval", str(extended), "--weights", "ema-0.7"]) == 2
+    assert "--weights ema-0.7" in capsys.readouterr().out
+    assert cli.main(["eval", str(extended), "--sampler", "cfg_scal=2"]) == 2
+    assert "cfg_scal" in capsys.readouterr().out
 
 
 def _prepared(tmp_path: Path, *overrides: str):

@@ -629,3 +629,23 @@ def test_time_limit_signal_saves_and_the_job_comes_back(slurm, chain, tmp_path):
     out, _ = watch.communicate(timeout=60)
     assert watch.returncode == 0 and out.index("running") < out.index("cancelled")
     assert out.count("train_trunk │") == 2  # once running, once cancelled: not a table per second
+
+
+def test_eval_as_a_job_array_scores_each_point_as_the_fid_stage_would(slurm, chain, tmp_path):
+    """`pixelgen eval --cluster`: one array task per point, each written into eval/ as it finishes; the point of
+    the run's own sampler and EMA is the FID stage's point, to the bit."""
+    local_run, _ = chain
+    run = tmp_path / "run"
+    shutil.copytree(local_run, run, ignore=shutil.ignore_patterns("submitit", "eval"))
+    slurm.append(run)
+    proc = pixelgen("eval", str(run), "--weights", "ema", "--sampler", "", "--sampler", "steps=2",
+                    "--cluster", "local")
+    job = cluster.latest_jobs(cluster.read_record(run))["eval"]
+    assert job["tasks"] == 2 and f"submitted job array {job['job_id']}" in proc.stdout
+    results = run / "eval" / "results.json"
+    _wait(run, lambda s: results.exists() and len(json.loads(results.read_text())["points"]) == 2
+          and not cluster.active_jobs(run), timeout=300, what="both eval tasks")
+    points = {p["sampler"]: p for p in json.loads(results.read_text())["points"]}
+    assert points[""]["fid"] == rundir.marker(local_run, "fid")["fid"]
+    assert points["steps=2"]["fid"] != points[""]["fid"]
+    assert "pixelgen: stage eval, SLURM job" in _log(run)
