@@ -32,6 +32,7 @@ EPILOG = """examples:
   pixelgen extend runs/demo train_trunk.steps=400 train_trunk.keep_every=100
   pixelgen eval runs/demo --steps 100,200 --weights ema,ema-0.999
   pixelgen sample runs/demo --classes 1,3 --per-class 8 --cfg 3.0
+  pixelgen report runs/demo
   pixelgen stage train_trunk configs/demo.yaml
   pixelgen shards verify runs/demo/shard
 """
@@ -548,10 +549,10 @@ def _add_run_dir_commands(sub) -> None:
 
 
 def _add_loop_commands(sub) -> None:
-    """What people do with a run after launching it: sample and eval (each its own module)."""
-    from pipeline import evaluate, sample
+    """What people do with a run after launching it: sample, eval and report (each its own module)."""
+    from pipeline import evaluate, report, sample
 
-    for module in (sample, evaluate):
+    for module in (sample, evaluate, report):
         module.add_parser(sub, _FMT)
 
 

@@ -178,7 +178,7 @@ def fid_progress(fid_dir: Path) -> str:
 
 def stage_states(run_dir: Path, cfg) -> list[dict]:
     """One row per stage: state (done, running, pending, requeued, failed, cancelled, not run; started or
-    pending for a local run; not submitted), job id, elapsed time, log path, a detail and the stage's marker,
+    pending for a local run; not submitted), job id, elapsed time, runs so far, log path, a detail and the stage's marker,
     from the run record, squeue and the stage markers. A DONE marker wins over anything the queue says."""
     from pipeline import rundir
 
@@ -191,10 +191,11 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
         m = rundir.marker(run_dir, stage)
         job = jobs.get(stage)
         row = {"stage": stage, "job_id": job["job_id"] if job else None, "elapsed": "", "log": "", "detail": "",
-               "restarts": 0, "marker": m}
+               "restarts": 0, "runs": 0, "marker": m}
         if m is not None:
             runs = _runs(run_dir, job["job_id"]) if job else {}
-            row.update(state="done", elapsed=_elapsed(m.get("seconds", 0), runs, {}))
+            row.update(state="done", elapsed=_elapsed(m.get("seconds", 0), runs, {}),
+                       runs=max(map(len, runs.values()), default=0))
         elif job is None:  # a local run (no record), or a stage no submission included
             started = rundir.stage_dir(run_dir, stage).exists()
             row["state"] = "started" if started else ("not submitted" if record else "pending")
@@ -205,7 +206,9 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
             row["restarts"] = max((t["restarts"] for t in tasks), default=0)
             used = max((t["seconds"] for t in tasks), default=0)
             current = {_task_index(t["id"]): t["seconds"] for t in tasks if t["state"] in ACTIVE}
-            row["elapsed"] = _elapsed(used, _runs(run_dir, jid), current)
+            runs = _runs(run_dir, jid)
+            row["elapsed"] = _elapsed(used, runs, current)
+            row["runs"] = max(map(len, runs.values()), default=0)  # the job script's ledger: one entry per run
             failed_task = next((t["id"] for t in tasks if t["state"] in FAILED), None)
             row["log"] = str(_job_paths(run_dir, failed_task or (f"{jid}_0" if job.get("tasks", 1) > 1 else jid))
                              .stderr)
