@@ -167,7 +167,7 @@ def write_results(cfg, run_dir: Path) -> Path:
     out = eval_dir(run_dir)
     with _Lock(out / ".results.lock"):
         rows = results(run_dir)
-        plot = plot_fid_vs_step(rows, out / PLOT, cfg.name)
+        plot = plot_fid_vs_step(rows, out / PLOT, f"{cfg.name}: FID along training")
         return atomic_write_json(out / RESULTS, {"points": rows, "plot": str(plot)})
 
 
@@ -177,6 +177,7 @@ def plot_fid_vs_step(rows: list[dict], path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from pixelgen.io import atomic_write
 
@@ -188,6 +189,7 @@ def plot_fid_vs_step(rows: list[dict], path: Path, title: str) -> Path:
     for (stage, weights, sampler), pts in sorted(lines.items()):
         label = " ".join(x for x in (stage if len(stages) > 1 else "", weights, sampler or "(run's sampler)") if x)
         ax.plot([s for s, _ in pts], [f for _, f in pts], marker="o", label=label)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel("proxy-FID (random-init Inception)" if rows and rows[0]["proxy"] else "FID")
     ax.set_title(title)
