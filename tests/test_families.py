@@ -35,7 +35,7 @@ def test_repa_family_trains_in_the_stages(tmp_path, tiny_shards):
     # fp32 inputs, buffers and teacher meet bf16 weights here.
     proc = pixelgen("run", str(CONFIGS / "tiny_repa.yaml"), f"run_dir={run_dir}", f"data.shard_dir={tiny_shards}",
                     "train_trunk.precision=bf16", "train_trunk.zero_stage=3", "train_decoder.precision=bf16",
-                    "--executor", "local")
+                    "--executor", "debug")
     for stage in ("train_trunk", "train_decoder", "fid"):
         assert (run_dir / stage / "DONE.json").is_file(), proc.stdout
     trunk_log = _metrics(run_dir, "train_trunk")
@@ -68,7 +68,7 @@ def test_dino_student_family_trains_in_the_stages(tmp_path, fake_imagenet):
     run_dir = tmp_path / "run"
     proc = pixelgen("run", str(CONFIGS / "tiny_student.yaml"), f"run_dir={run_dir}",
                     f"data.imagenet_dir={fake_imagenet}", f"model.trunk.student.teacher.weights={weights}",
-                    "--executor", "local")
+                    "--executor", "debug")
     for stage in ("shard", "train_trunk", "train_decoder", "fid"):
         assert (run_dir / stage / "DONE.json").is_file(), proc.stdout
     assert all(0.0 <= r["student_loss"] <= 2.0 for r in _metrics(run_dir, "train_trunk"))
@@ -147,7 +147,7 @@ def test_semantic_ar_families_train_and_evaluate_in_the_stages(name, tmp_path, t
     run_dir = tmp_path / "run"
     sweep = ["fid.sweep=[guidance=decoder cfg_scale=2.0]"] if name == "tiny_ar_diffusion" else []
     proc = pixelgen("run", str(CONFIGS / f"{name}.yaml"), f"run_dir={run_dir}", f"data.shard_dir={tiny_shards}",
-                    "stages=[train_trunk,train_decoder,fid]", *sweep, "--executor", "local")
+                    "stages=[train_trunk,train_decoder,fid]", *sweep, "--executor", "debug")
     for stage in ("train_trunk", "train_decoder", "fid"):
         assert (run_dir / stage / "DONE.json").is_file(), proc.stdout
     assert all(trunk_term in r for r in _metrics(run_dir, "train_trunk"))

@@ -147,10 +147,17 @@ def init_distributed() -> DistInfo:
 
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
-    if not torch.distributed.is_initialized():
-        env = launcher_env(os.environ)
-        for name in TORCH_VARS:  # launcher_env keeps any RANK / WORLD_SIZE already set, so nothing contradicts
+    initialised = torch.distributed.is_initialized()
+    env = launcher_env(os.environ)
+    for name in TORCH_VARS:  # launcher_env keeps any RANK / WORLD_SIZE already set, so nothing contradicts
+        # The missing ones again when initialised already: the debug executor runs the stages one after another
+        # in one process and restores the environment after each, while the process group stays (and
+        # DeepSpeed's engine reads LOCAL_RANK).
+        if initialised:
+            os.environ.setdefault(name, env[name])
+        else:
             os.environ[name] = env[name]
+    if not initialised:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         # atexit runs handlers last-registered first: anything registered after this point (wandb's own
         # teardown, for one) ends before the process groups go.
