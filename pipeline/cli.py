@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
         _check_inputs(cfg, Path(cfg.run_dir), profile)
     run_dir = rundir.prepare(cfg)
     if not args.dry_run:
-        _refuse_if_busy(run_dir)
+        rundir.refuse_if_queued(run_dir)
     if profile:
         return _submit(cfg, run_dir, *profile, command="run", dry_run=args.dry_run)
     return _run_here(cfg, run_dir, args.executor)
@@ -79,16 +79,6 @@ def _check_inputs(cfg, run_dir: Path, profile=None) -> None:
                 if profile is not None else "")
         raise ConfigError("the run cannot start, nothing was created or submitted:\n  " + "\n  ".join(problems)
                           + hint)
-
-
-def _refuse_if_busy(run_dir: Path) -> None:
-    """A run folder whose SLURM jobs are still queued or running is not started a second time."""
-    from pipeline import cluster
-
-    busy = cluster.active_jobs(run_dir)
-    if busy:
-        raise ConfigError(f"run folder {run_dir} still has jobs queued or running ({', '.join(busy)}): follow them "
-                          f"with `pixelgen status {run_dir}`, or `pixelgen cancel {run_dir}` first")
 
 
 # What submitting needs on this machine: sbatch queues the jobs, and submitit will not start without srun.
@@ -398,7 +388,7 @@ def cmd_resume(args) -> int:
     from pipeline import rundir
 
     run_dir = Path(args.run_dir)
-    _refuse_if_busy(run_dir)
+    rundir.refuse_if_queued(run_dir)
     return _continue(rundir.load_run_config(run_dir), run_dir, args.cluster, args.executor)
 
 
@@ -427,7 +417,7 @@ def cmd_extend(args) -> int:
                           "train_trunk.keep_every=100")
     cfg = with_overrides(rundir.load_run_config(run_dir), args.overrides, str(run_dir / "config.yaml"))
     rundir.resolve_paths(cfg)
-    _refuse_if_busy(run_dir)
+    rundir.refuse_if_queued(run_dir)
     rundir.prepare(cfg, command="extend")  # refuses a key that would change what was trained, naming it
     console.print(f"{run_dir}: took {' '.join(args.overrides)} (recorded in {run_dir / 'run.json'})")
     if args.no_run:

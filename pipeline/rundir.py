@@ -112,15 +112,20 @@ def prepare(cfg, command: str = "run") -> Path:
     return run_dir
 
 
-def _refuse_if_running(run_dir: Path, stages) -> None:
-    """A config change is not taken while a stage of the run is running here or queued on SLURM: the running
-    job would finish under the old config and mark its stage done."""
+def refuse_if_queued(run_dir: Path) -> None:
+    """A run folder whose SLURM jobs are still queued or running is not started, or changed, a second time."""
     from pipeline import cluster
 
     busy = cluster.active_jobs(run_dir)
     if busy:
-        raise ConfigError(f"run folder {run_dir} still has jobs queued or running ({', '.join(busy)}): wait for them "
-                          f"or `pixelgen cancel {run_dir}`, then change its config")
+        raise ConfigError(f"run folder {run_dir} still has jobs queued or running ({', '.join(busy)}): follow them "
+                          f"with `pixelgen status {run_dir}`, or `pixelgen cancel {run_dir}` first")
+
+
+def _refuse_if_running(run_dir: Path, stages) -> None:
+    """A config change is not taken while a stage of the run is running here or queued on SLURM: the running
+    job would finish under the old config and mark its stage done."""
+    refuse_if_queued(run_dir)
     for stage in stages:
         if stage_dir(run_dir, stage).exists():
             with stage_lock(run_dir, stage):  # raises StageBusy naming the holder
