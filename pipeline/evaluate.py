@@ -16,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.config import ConfigError, check_weights, sampler_entry
+from pipeline.config import ConfigError, sampler_entry
 
 EVAL_DIR = "eval"
 RESULTS = "results.json"
@@ -82,18 +82,14 @@ def plan_points(cfg, run_dir: Path, steps: list[int] | None = None, weights: lis
     decays = [float(d) for d in cfg[stage].ema_decays]
     weights = weights or ["ema" if i == 0 else f"ema-{d:g}" for i, d in enumerate(decays)]
 
-    def fail(key, value, why):
-        raise ConfigError(f"--weights {value}: {why}")
-
     files = {}
     for name in weights:
-        check_weights(cfg, "--weights", name, fail)
         decay = ema_decay(name)
-        if name in ("ema", "model") or decay is not None:
-            files[name] = (MODEL_FILE if name == "model" else PRIMARY_EMA if name == "ema"
-                           else ema_filename(decays.index(decay), decay))
-        else:
-            fail("--weights", name, "eval scores a run's own weights: ema, ema-<decay> or model")
+        if name not in ("ema", "model") and (decay is None or decay not in decays):
+            raise ConfigError(f"--weights {name}: {stage} keeps the EMAs of decays {decays}: name ema (the first), "
+                              f"ema-<decay> of one of them, or model")
+        files[name] = (MODEL_FILE if name == "model" else PRIMARY_EMA if name == "ema"
+                       else ema_filename(decays.index(decay), decay))
     points = []
     for entry in samplers or [""]:
         sampler, other = sampler_entry(cfg, entry, f"--sampler {entry!r}")
@@ -172,34 +168,41 @@ def write_results(cfg, run_dir: Path) -> Path:
 
 
 def plot_fid_vs_step(rows: list[dict], path: Path, title: str) -> Path:
-    """FID against the training step, one line per (stage, EMA, sampler setting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     from pixelgen.io import atomic_write
+
+    fig = fid_vs_step_figure(rows, title)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def fid_vs_step_figure(rows: list[dict], title: str | None = None):
+    """FID against the training step, one line per (stage, EMA, sampler setting); the stage is named when the
+    points span several. Also what `pixelgen report` draws when it finds no plot file."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
+    from matplotlib.ticker import MaxNLocator
 
     lines: dict[tuple, list] = {}
     for r in rows:
-        lines.setdefault((r["stage"], r["weights"], r["sampler"]), []).append((r["step"], r["fid"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
+        if isinstance(r.get("fid"), (int, float)):
+            key = (r.get("stage"), r.get("weights"), r.get("sampler") or "")
+            lines.setdefault(key, []).append((r.get("step", 0), r["fid"]))
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     stages = {key[0] for key in lines}
-    for (stage, weights, sampler), pts in sorted(lines.items()):
-        label = " ".join(x for x in (stage if len(stages) > 1 else "", weights, sampler or "(run's sampler)") if x)
+    for (stage, weights, sampler), pts in sorted(lines.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        pts.sort()
+        label = " ".join(str(x) for x in (stage if len(stages) > 1 else "", weights, sampler or "(run's sampler)")
+                         if x)
         ax.plot([s for s, _ in pts], [f for _, f in pts], marker="o", label=label)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
-    ax.set_ylabel("proxy-FID (random-init Inception)" if rows and rows[0]["proxy"] else "FID")
-    ax.set_title(title)
+    ax.set_ylabel("proxy-FID (random-init Inception)" if any(r.get("proxy") for r in rows) else "FID")
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     if lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return out
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -303,6 +303,8 @@ def _fid(run_dir: Path, cfg) -> str:
 
 def _eval(run_dir: Path) -> str:
     """`pixelgen eval`'s points (eval/results.json): a table sorted by step and FID against the step."""
+    from pipeline import evaluate
+
     results = _json(run_dir / "eval" / "results.json", "eval results")
     parts = ["<h2>Evaluations (pixelgen eval)</h2>"]
     points = (results or {}).get("points") or []
@@ -314,7 +316,7 @@ def _eval(run_dir: Path) -> str:
                                            str(p.get("sampler"))))
     parts.append(_points_table(points, ("stage", "step", "weights", "sampler")))
     plot = _existing(results.get("plot"), run_dir / "eval" / "fid_vs_step.png")
-    data = plot.read_bytes() if plot else _plot_fid_vs_step(points)
+    data = plot.read_bytes() if plot else _png(evaluate.fid_vs_step_figure(points))
     parts.append(_figure(data, "FID against the training step"))
     return "\n".join(parts)
 
@@ -365,32 +367,6 @@ def _plot_training(records: list[dict], title: str) -> bytes:
 def _line(ax, records: list[dict], key: str, scale: float, label: str | None = None) -> None:
     points = [(r["step"], r[key] * scale) for r in records if _is_num(r.get(key))]
     ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None, label=label)
-
-
-def _plot_fid_vs_step(points: list[dict]) -> bytes:
-    """One line per (weights, sampler), with the stage in the label when the points span several."""
-    from matplotlib.figure import Figure
-
-    several = len({p.get("stage") for p in points}) > 1
-    lines: dict[str, list[tuple[int, float]]] = {}
-    for p in points:
-        if not _is_num(p.get("fid")):
-            continue
-        label = f"{p.get('weights')}, {p.get('sampler') or '(config)'}"
-        label = f"{p.get('stage')}: {label}" if several else label
-        lines.setdefault(label, []).append((p.get("step", 0), p["fid"]))
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.subplots()
-    for label, xy in sorted(lines.items()):
-        xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
-    names = {p.get("metric_name") for p in points if p.get("metric_name")}
-    ax.set_ylabel(next(iter(names)).split(" ")[0] if len(names) == 1 else "FID")
-    _step_axis(ax, "training step")
-    if lines:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
 
 
 def _step_axis(ax, label: str = "step") -> None:

@@ -157,3 +157,16 @@ def test_more_trunk_steps_set_aside_the_decoder_and_fid_keys_the_fid(tmp_path, c
         {"train_trunk.steps": [6, 8]}, {"sampler.cfg_scale": [1.5, 3.0], "train_trunk.keep_every": [0, 4]}]
     assert cli.main(["extend", str(run), "model.decoder.depth=3", "--no-run"]) == 2
     assert "model.decoder.depth: 1 -> 3" in capsys.readouterr().out
+
+
+def test_eval_checks_the_emas_of_the_stage_it_scores(tmp_path):
+    """--stage train_trunk scores the trunk's EMAs, whatever the decoder (the run's last stage) keeps."""
+    from pipeline import evaluate
+
+    cfg, run = _prepared(tmp_path, "train_trunk.ema_decays=[0.9,0.5]", "train_decoder.ema_decays=[0.9]")
+    for stage in ("train_trunk", "train_decoder"):
+        (run / stage / "milestones" / "step00000002").mkdir(parents=True)
+    (point,) = evaluate.plan_points(cfg, run, weights=["ema-0.5"], stage="train_trunk")
+    assert point.path == str(run / "train_trunk" / "milestones" / "step00000002" / "ema-0.5.safetensors")
+    with pytest.raises(ConfigError, match=r"--weights ema-0.5: train_decoder keeps the EMAs of decays \[0.9\]"):
+        evaluate.plan_points(cfg, run, weights=["ema-0.5"], stage="train_decoder")
