@@ -161,6 +161,49 @@ def test_the_image_identity_reaches_the_run_record_and_run_json(tmp_path, fake_i
         cluster.check_image(profile)
 
 
+# ------------------------------------------------------------------------------------------ the build script
+_ENGINE = """#!/usr/bin/env bash
+# Stands in for the container engine: its `build` fails FAILS times with MESSAGE, then succeeds.
+case "$1" in
+    build) n=$(cat "$STATE" 2>/dev/null || echo 0); echo $((n + 1)) > "$STATE"
+           echo "STEP 13/20: RUN python -m pip install ..."
+           if [ "$n" -lt "$FAILS" ]; then echo "$MESSAGE" >&2; echo "Error: building at STEP 13" >&2; exit 1; fi
+           echo "built $*" ;;
+    image) echo sha256:feedbeef ;;
+esac
+"""
+
+
+def _build_script(tmp_path: Path, fails: int, message: str) -> tuple[subprocess.CompletedProcess, int]:
+    """docker/build-image against a stand-in engine: the kernel's transient memfd refusal cannot be made on
+    purpose, and what is under test is the script's reaction to it."""
+    tmp_path.mkdir(exist_ok=True)
+    engine = tmp_path / "docker"
+    engine.write_text(_ENGINE)
+    engine.chmod(0o755)
+    state = tmp_path / "builds"
+    proc = subprocess.run([str(ROOT / "docker" / "build-image"), "--base", "debian@sha256:" + "0" * 64,
+                           "--tag", "localhost/t:1"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "CONTAINER_ENGINE": str(engine), "STATE": str(state),
+                               "FAILS": str(fails), "MESSAGE": message})
+    return proc, int(state.read_text())
+
+
+def test_the_build_is_retried_only_after_the_transient_memfd_refusal(tmp_path):
+    busy = "Close_Fd sealing memfd copy: Device or resource busy"
+    proc, builds = _build_script(tmp_path / "once", 1, busy)
+    assert proc.returncode == 0, proc.stderr
+    assert builds == 2 and "attempt 1 failed on a transient kernel refusal" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "sha256:feedbeef"  # still the digest last
+    proc, builds = _build_script(tmp_path / "always", 5, busy)
+    assert proc.returncode == 1 and builds == 3  # three tries at most
+    # Any other failure is the build's own: no second try, and the reason stays on screen.
+    proc, builds = _build_script(tmp_path / "other", 1, "ERROR: No matching distribution found for torch==9")
+    assert proc.returncode == 1 and builds == 1
+    assert "No matching distribution found for torch==9" in proc.stdout + proc.stderr
+    assert "build-image: docker build failed (exit 1); its output is above" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------ the live image
 def _run(*cmd, timeout=1800, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)
