@@ -137,8 +137,8 @@ def sample(model, y_B, *, shape, cfg: SamplerConfig, num_classes: int, generator
     scaled by the objective's noise_scale). `objective` turns the network's prediction into a velocity (None: the
     network predicts the velocity). The model runs in whatever train/eval mode the caller set. All samplers step on time_shift(linspace(0, 1, steps + 1)):
     euler takes `steps` evaluations; heun 2 per step (the last step is Euler for x_pred, as in JiT, where the
-    velocity at t = 1 divides by t_eps); ab2 one per step, Adams-Bashforth with the previous velocity (variable
-    step sizes; the first step is Euler), PixelDiT's sampler.
+    velocity at t = 1 divides by t_eps); ab2 one per step, Adams-Bashforth with the previous velocity (the first
+    step is Euler), PixelDiT's sampler with its fixed 1.5 / -0.5 (ab2_variable: the coefficients of unequal steps).
     """
     if cfg.kind not in SAMPLERS:
         raise ValueError(f"unknown sampler.kind {cfg.kind!r}; known kinds: {', '.join(SAMPLERS)}")
@@ -157,10 +157,10 @@ def sample(model, y_B, *, shape, cfg: SamplerConfig, num_classes: int, generator
         if cfg.kind == "heun" and not (x_pred and i == cfg.steps - 1):
             v1 = _velocity(model, x + dt * v0, t1, y_B, num_classes, cfg, objective)
             x = x + dt * 0.5 * (v0 + v1)
-        elif cfg.kind == "ab2" and v_prev is not None:
-            # Second-order extrapolation of v over [t0, t1] from (t_prev, v_prev) and (t0, v0); 1.5 / -0.5
-            # when the steps are equal.
-            r = dt / (2 * dt_prev)
+        elif cfg.kind in ("ab2", "ab2_variable") and v_prev is not None:
+            # Second-order extrapolation of v over [t0, t1] from (t_prev, v_prev) and (t0, v0): 1.5 / -0.5 as
+            # PixelDiT's FlowDPMSolverSampler does on every step; ab2_variable weighs by the step sizes.
+            r = dt / (2 * dt_prev) if cfg.kind == "ab2_variable" else 0.5
             x = x + dt * ((1 + r) * v0 - r * v_prev)
         else:
             x = x + dt * v0

@@ -112,7 +112,7 @@ def test_sample_guides_only_inside_interval_with_one_batched_forward():
     assert [b for b, _ in model.calls] == [2] * 5  # scale 1: no unconditional pass at all
 
 
-@pytest.mark.parametrize("kind", ["euler", "heun", "ab2"])
+@pytest.mark.parametrize("kind", ["euler", "heun", "ab2", "ab2_variable"])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_constant_velocity_is_integrated_exactly(kind, shift):
     c = torch.tensor([0.3, -0.2, 0.5]).view(1, 3, 1, 1)
@@ -133,7 +133,7 @@ def test_heun_is_exact_for_time_linear_velocity():
     torch.testing.assert_close(x, torch.full_like(x, c / 2), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,order", [("euler", 1), ("heun", 2), ("ab2", 2)])
+@pytest.mark.parametrize("kind,order", [("euler", 1), ("heun", 2), ("ab2", 2), ("ab2_variable", 2)])
 def test_convergence_order_on_linear_ode(kind, order):
     a = 1.0  # dx/dt = a x  ->  x(1) = x(0) e^a
     model = VelocityField(lambda x, t, y: a * x)
@@ -148,7 +148,7 @@ def test_convergence_order_on_linear_ode(kind, order):
     assert all(abs(math.log2(r) - order) < 0.15 for r in ratios), (errors, ratios)
     if kind == "heun":
         assert errors[0] < 1e-3
-    if kind == "ab2":  # one evaluation per step, like Euler, for a second-order error
+    if kind.startswith("ab2"):  # one evaluation per step, like Euler, for a second-order error
         assert errors[0] < 1e-2
 
 

@@ -65,6 +65,7 @@ class SamplerKind(StrEnum):
     euler = "euler"
     heun = "heun"
     ab2 = "ab2"
+    ab2_variable = "ab2_variable"
 
 
 class Guidance(StrEnum):
@@ -215,7 +216,10 @@ class ObjectiveConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: SamplerKind = SamplerKind.euler  # euler | heun | ab2 (second-order Adams-Bashforth, PixelDiT's sampler)
+    # euler | heun | ab2: second-order Adams-Bashforth, PixelDiT's sampler as published (1.5 v - 0.5 v_prev on
+    # every step, even where time_shift makes the steps unequal) | ab2_variable: the same with the coefficients
+    # of the actual step sizes (second order under any time_shift; equal to ab2 at time_shift 1)
+    kind: SamplerKind = SamplerKind.euler
     steps: int = 50
     cfg_scale: float = 1.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
