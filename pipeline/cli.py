@@ -449,7 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir_commands(sub)
     _add_loop_commands(sub)
     _add_data_commands(sub)
+    from pipeline import importer  # import: published checkpoints as pixelgen weights
+
+    importer.add_parser(sub, _FMT)
     return parser
+
+
+def parse_after_positionals(args: argparse.Namespace, prog: str, add_options, description: str | None = None):
+    """`args` with what followed a command's positionals (args.overrides, gathered unparsed by REMAINDER) parsed,
+    options and key=value settings intermixed: before Python 3.12 argparse gives a `*` positional nothing once an
+    option came between it and the first positional. `add_options(parser, defaults=False)` declares the options
+    without defaults, so that what came before the positionals stays."""
+    later = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    add_options(later, defaults=False)
+    later.add_argument("overrides", nargs="*", default=[])
+    return argparse.Namespace(**{**vars(args), **vars(later.parse_intermixed_args(args.overrides))})
 
 
 def _executor_arg(p) -> None:

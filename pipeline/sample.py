@@ -81,11 +81,9 @@ def _options(p, defaults: bool = True) -> None:
 
 def _after_source(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with the options and settings given after the source (in args.overrides, unparsed) parsed."""
-    later = argparse.ArgumentParser(prog="pixelgen sample RUN_DIR|WEIGHTS", description=DESCRIPTION,
-                                    argument_default=argparse.SUPPRESS)
-    _options(later, defaults=False)
-    later.add_argument("overrides", nargs="*", default=[], metavar="sampler.key=value")
-    return argparse.Namespace(**{**vars(args), **vars(later.parse_intermixed_args(args.overrides))})
+    from pipeline.cli import parse_after_positionals
+
+    return parse_after_positionals(args, "pixelgen sample RUN_DIR|WEIGHTS", _options, DESCRIPTION)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -123,7 +121,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
               "created": datetime.datetime.now().isoformat(timespec="seconds")}
     out = _write(images, classes, args.per_class, record, out, base, _name(args, choice or weights.stem))
     console.print(f"[green]✓[/green] {len(images)} images ({len(classes)} classes x {args.per_class}) from "
-                  f"{weights} (step {meta.get('step')}) in {seconds:.2f} s on {device}")
+                  f"{weights} ({_made_by(meta)}) in {seconds:.2f} s on {device}")
     console.print(f"grid:     {out / 'grid.png'}")
     console.print(f"images:   {out / 'images'}/<class>_<n>.png")
     console.print(f"settings: {out / 'samples.json'}")
@@ -190,6 +188,15 @@ def _sampling_config(data: dict, source: Path):
     except ValueError as err:
         raise ConfigError(f"run config of {source}: {err}") from None
     return cfg
+
+
+def _made_by(meta: dict) -> str:
+    """Where the weights come from, for the summary line: a training step, or the checkpoint they were imported
+    from (pixelgen import)."""
+    source = meta.get("source")
+    if meta.get("stage") == "import" and isinstance(source, dict):
+        return f"imported from {source.get('kind')} {Path(str(source.get('checkpoint'))).name}"
+    return f"step {meta.get('step')}"
 
 
 def _classes(text: str | None, num_classes: int) -> list[int]:

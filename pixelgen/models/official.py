@@ -1,0 +1,201 @@
+"""Published checkpoints into pixelgen's generator weights, one converter per official code base.
+
+`convert(kind, state)` takes the official model's state dict (already taken out of its training checkpoint) and
+returns pixelgen's generator state dict plus the model keys (`model.*` of a run config) that build the matching
+generator. The architecture is read off the tensor shapes; a checkpoint that does not fit fails naming the key,
+the shape found and the shape expected.
+
+PixelDiT (NVlabs/PixelDiT, pixdit_core/pixeldit_c2i.py `PixDiT`): pixelgen's PixelDiT family computes the same
+function with three layouts of its own, which the conversion maps exactly (tests/test_official.py checks the
+forward against the official code's outputs):
+
+- 2D RoPE pair order: the official code interleaves (column, row) rotary pairs per frequency; pixelgen puts every
+  row pair first, then every column pair. The q and k rows of each head's projection (and the per-head qk-norm
+  weights, which act on the same channels) are permuted; attention scores are unchanged.
+- The pixel-level sin-cos embedding: the official code's first half of the channels encodes the column, pixelgen's
+  the row. The pixel hidden channels are permuted throughout the decoder (a relabelling every per-channel op,
+  RMSNorm included, is equivariant to), so no table needs to change.
+- The PiT AdaLN output layout: official rows are (pixel, chunk, channel), pixelgen's (chunk, pixel, channel).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint is not one this converter knows how to map (named key, shape, what to do)."""
+
+
+@dataclass
+class Converted:
+    state: dict[str, Tensor]  # pixelgen generator state dict (fp32)
+    model: dict  # the model.* keys of a run config that builds the generator these weights fit
+    resolution: int | None = None  # the image size the published model was trained at, when the kind says
+    notes: list[str] = field(default_factory=list)  # what was read off the checkpoint, for the user
+
+
+def rope_pair_order(head_dim: int) -> Tensor:
+    """Channel index into the official head layout for each pixelgen channel: pixelgen's rotary pair p rotates
+    with the row at frequency p (p < head_dim/4) or with the column at frequency p - head_dim/4; the official
+    pair 2f rotates with the column and 2f + 1 with the row, both at frequency f."""
+    quarter = head_dim // 4
+    pairs = [2 * p + 1 if p < quarter else 2 * (p - quarter) for p in range(head_dim // 2)]
+    return torch.tensor([2 * q + c for q in pairs for c in (0, 1)])
+
+
+def sincos_channel_order(dim: int) -> Tensor:
+    """Official pixel channel for each pixelgen channel: the row and column halves swap places."""
+    return (torch.arange(dim) + dim // 2) % dim
+
+
+class _Reader:
+    """Takes tensors out of the official state dict by name, checking each shape; reports leftovers."""
+
+    def __init__(self, state: dict[str, Tensor], what: str):
+        self.state, self.what, self.used = state, what, set()
+
+    def __call__(self, key: str, shape: tuple | None = None) -> Tensor:
+        if key not in self.state:
+            raise CheckpointMismatch(f"{self.what}: no tensor '{key}' in the checkpoint, which a {self.what} "
+                                     f"checkpoint has: is this the right kind, and the model's own state dict?")
+        value = self.state[key]
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise CheckpointMismatch(f"{self.what}: '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                                     f"from the rest of the checkpoint")
+        self.used.add(key)
+        return value.detach().float().cpu().clone()
+
+    def count(self, pattern: str) -> int:
+        found = {int(m.group(1)) for k in self.state if (m := re.fullmatch(pattern, k))}
+        if found != set(range(len(found))):
+            raise CheckpointMismatch(f"{self.what}: blocks matching '{pattern}' are numbered {sorted(found)}, "
+                                     f"not 0..n-1: the checkpoint is incomplete")
+        return len(found)
+
+    def leftovers(self) -> list[str]:
+        return sorted(set(self.state) - self.used)
+
+
+def _qkv(read: _Reader, prefix: str, dim: int, head_dim: int, in_dim: int) -> Tensor:
+    w = read(f"{prefix}.qkv.weight", (3 * dim, in_dim)).view(3, dim // head_dim, head_dim, in_dim)
+    order = rope_pair_order(head_dim)
+    w[0], w[1] = w[0][:, order], w[1][:, order]  # q and k; v carries no position
+    return w.reshape(3 * dim, in_dim)
+
+
+def _attention(read: _Reader, src: str, dst: str, dim: int, head_dim: int, in_dim: int) -> dict[str, Tensor]:
+    order = rope_pair_order(head_dim)
+    return {f"{dst}.qkv.weight": _qkv(read, src, dim, head_dim, in_dim),
+            f"{dst}.q_norm.weight": read(f"{src}.q_norm.weight", (head_dim,))[order],
+            f"{dst}.k_norm.weight": read(f"{src}.k_norm.weight", (head_dim,))[order],
+            f"{dst}.proj.weight": read(f"{src}.proj.weight", (dim, dim)),
+            f"{dst}.proj.bias": read(f"{src}.proj.bias", (dim,))}
+
+
+def convert_pixeldit(state: dict[str, Tensor]) -> Converted:
+    read = _Reader(state, "PixelDiT")
+    what = "PixelDiT"
+    embed = read("s_embedder.proj.weight")
+    dim, patch_in = embed.shape
+    p = int(round((patch_in / 3) ** 0.5))
+    if 3 * p * p != patch_in:
+        raise CheckpointMismatch(f"{what}: 's_embedder.proj.weight' takes {patch_in} inputs, not 3 x p x p: "
+                                 f"pixelgen models RGB pixels (the latent PixDiT variants are not pixel-space)")
+    depth = read.count(r"patch_blocks\.(\d+)\.norm1\.weight")
+    pixel_depth = read.count(r"pixel_blocks\.(\d+)\.norm1\.weight")
+    if depth == 0 or pixel_depth == 0:
+        raise CheckpointMismatch(f"{what}: {depth} patch blocks and {pixel_depth} pixel blocks found: both levels "
+                                 f"are needed (is this a PixelDiT c2i state dict?)")
+    head_dim = read("patch_blocks.0.attn.q_norm.weight").shape[0]
+    pixel_head_dim = read("pixel_blocks.0.attn.q_norm.weight").shape[0]
+    pixel_dim = read("pixel_embedder.proj.weight").shape[0]
+    num_classes = read("y_embedder.embedding_table.weight").shape[0] - 1
+    P = p * p
+    modulation = read("pixel_blocks.0.adaLN_modulation.0.weight").shape[0]
+    if modulation == 4 * P * pixel_dim:
+        raise CheckpointMismatch(f"{what}: 'pixel_blocks.0.adaLN_modulation.0.weight' has {modulation} rows = 4 x "
+                                 f"{P} pixels x {pixel_dim}: a pit_adaln_post_modulation checkpoint, whose PiT "
+                                 f"blocks scale and shift their outputs without gates; pixelgen's PiT block has "
+                                 f"the gated (6-way) AdaLN only")
+    for hd, key in ((head_dim, "patch_blocks"), (pixel_head_dim, "pixel_blocks")):
+        if dim % hd or hd % 4:
+            raise CheckpointMismatch(f"{what}: {key}.0.attn.q_norm.weight has {hd} channels, which does not split "
+                                     f"the width {dim} into heads of a multiple of 4")
+    hidden = int(2 * 4.0 * dim / 3)  # SwiGLU at mlp_ratio 4, as the official FeedForward(dim, 4 * dim)
+
+    out: dict[str, Tensor] = {
+        "trunk.patch_embed.weight": embed.float().clone(),
+        "trunk.patch_embed.bias": read("s_embedder.proj.bias", (dim,)),
+        "trunk.semantic.y_embed.table.weight": read("y_embedder.embedding_table.weight", (num_classes + 1, dim)),
+    }
+    for i in (0, 2):
+        out[f"trunk.semantic.t_embed.mlp.{i}.weight"] = read(f"t_embedder.mlp.{i}.weight", (dim, 256 if i == 0 else dim))
+        out[f"trunk.semantic.t_embed.mlp.{i}.bias"] = read(f"t_embedder.mlp.{i}.bias", (dim,))
+    for i in range(depth):
+        src, dst = f"patch_blocks.{i}", f"trunk.semantic.blocks.{i}"
+        out[f"{dst}.norm1.weight"] = read(f"{src}.norm1.weight", (dim,))
+        out[f"{dst}.norm2.weight"] = read(f"{src}.norm2.weight", (dim,))
+        out.update(_attention(read, f"{src}.attn", f"{dst}.attn", dim, head_dim, dim))
+        out[f"{dst}.mlp.w1.weight"] = read(f"{src}.mlp.w1.weight", (hidden, dim))
+        out[f"{dst}.mlp.w3.weight"] = read(f"{src}.mlp.w3.weight", (hidden, dim))
+        out[f"{dst}.mlp.w2.weight"] = read(f"{src}.mlp.w2.weight", (dim, hidden))
+        out[f"{dst}.adaLN.weight"] = read(f"{src}.adaLN_modulation.0.weight", (6 * dim, dim))
+        out[f"{dst}.adaLN.bias"] = read(f"{src}.adaLN_modulation.0.bias", (6 * dim,))
+
+    ch = sincos_channel_order(pixel_dim)  # pixelgen pixel channel j holds the official channel ch[j]
+    out["decoder.pixel_embed.weight"] = read("pixel_embedder.proj.weight", (pixel_dim, 3))[ch]
+    out["decoder.pixel_embed.bias"] = read("pixel_embedder.proj.bias", (pixel_dim,))[ch]
+    mlp_hidden = 4 * pixel_dim
+    for i in range(pixel_depth):
+        src, dst = f"pixel_blocks.{i}", f"decoder.blocks.{i}"
+        w = read(f"{src}.adaLN_modulation.0.weight", (6 * P * pixel_dim, dim)).view(P, 6, pixel_dim, dim)
+        b = read(f"{src}.adaLN_modulation.0.bias", (6 * P * pixel_dim,)).view(P, 6, pixel_dim)
+        out[f"{dst}.adaLN.linear.weight"] = w[:, :, ch].transpose(0, 1).reshape(6 * P * pixel_dim, dim)
+        out[f"{dst}.adaLN.linear.bias"] = b[:, :, ch].transpose(0, 1).reshape(-1)
+        out[f"{dst}.norm1.weight"] = read(f"{src}.norm1.weight", (pixel_dim,))[ch]
+        out[f"{dst}.norm2.weight"] = read(f"{src}.norm2.weight", (pixel_dim,))[ch]
+        compress = read(f"{src}.compress_to_attn.weight", (dim, P * pixel_dim)).view(dim, P, pixel_dim)
+        out[f"{dst}.compress.weight"] = compress[:, :, ch].reshape(dim, P * pixel_dim)
+        out[f"{dst}.compress.bias"] = read(f"{src}.compress_to_attn.bias", (dim,))
+        expand = read(f"{src}.expand_from_attn.weight", (P * pixel_dim, dim)).view(P, pixel_dim, dim)
+        out[f"{dst}.expand.weight"] = expand[:, ch].reshape(P * pixel_dim, dim)
+        out[f"{dst}.expand.bias"] = read(f"{src}.expand_from_attn.bias", (P * pixel_dim,)).view(P, pixel_dim)[:, ch].reshape(-1)
+        out.update(_attention(read, f"{src}.attn", f"{dst}.attn", dim, pixel_head_dim, dim))
+        out[f"{dst}.mlp.fc1.weight"] = read(f"{src}.mlp.fc1.weight", (mlp_hidden, pixel_dim))[:, ch]
+        out[f"{dst}.mlp.fc1.bias"] = read(f"{src}.mlp.fc1.bias", (mlp_hidden,))
+        out[f"{dst}.mlp.fc2.weight"] = read(f"{src}.mlp.fc2.weight", (pixel_dim, mlp_hidden))[ch]
+        out[f"{dst}.mlp.fc2.bias"] = read(f"{src}.mlp.fc2.bias", (pixel_dim,))[ch]
+    out["decoder.final_norm.weight"] = read("final_layer.norm.weight", (pixel_dim,))[ch]
+    out["decoder.final.weight"] = read("final_layer.linear.weight", (3, pixel_dim))[:, ch]
+    out["decoder.final.bias"] = read("final_layer.linear.bias", (3,))
+
+    unused = read.leftovers()
+    if unused:
+        raise CheckpointMismatch(f"{what}: {len(unused)} tensors of the checkpoint have no place in the model "
+                                 f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}): a variant this "
+                                 f"converter does not know (ProMoE experts?), or more than the model's state dict")
+    model = {"num_classes": num_classes,
+             "trunk": {"kind": "pixeldit", "size": None, "patch_size": p, "dim": dim, "depth": depth,
+                       "heads": dim // head_dim, "mlp_ratio": 4.0},
+             "decoder": {"kind": "pit", "attention": "compact", "adaln": "pixel", "pixel_dim": pixel_dim,
+                         "depth": pixel_depth, "heads": dim // pixel_head_dim, "attn_dim": None,
+                         "mlp_ratio": 4.0, "mlp_hidden": None},
+             "repa": {"weight": 0.0}}
+    notes = [f"PixelDiT: {depth} patch blocks x {dim} ({dim // head_dim} heads), {pixel_depth} PiT blocks x "
+             f"{pixel_dim} ({dim // pixel_head_dim} heads), patch {p}, {num_classes} classes"]
+    return Converted(out, model, None, notes)
+
+
+CONVERTERS = {"pixeldit": convert_pixeldit}
+
+
+def convert(kind: str, state: dict[str, Tensor]) -> Converted:
+    if kind not in CONVERTERS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}: one of {', '.join(CONVERTERS)}")
+    return CONVERTERS[kind](state)
