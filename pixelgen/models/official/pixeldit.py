@@ -1,11 +1,4 @@
-"""Published checkpoints into pixelgen's generator weights, one converter per official code base.
-
-`convert(kind, state)` takes the official model's state dict (already taken out of its training checkpoint) and
-returns pixelgen's generator state dict plus the model keys (`model.*` of a run config) that build the matching
-generator. The architecture is read off the tensor shapes; a checkpoint that does not fit fails naming the key,
-the shape found and the shape expected.
-
-PixelDiT (NVlabs/PixelDiT, pixdit_core/pixeldit_c2i.py `PixDiT`): pixelgen's PixelDiT family computes the same
+"""PixelDiT (NVlabs/PixelDiT, pixdit_core/pixeldit_c2i.py `PixDiT`): pixelgen's PixelDiT family computes the same
 function with three layouts of its own, which the conversion maps exactly (tests/test_official.py checks the
 forward against the official code's outputs):
 
@@ -20,24 +13,9 @@ forward against the official code's outputs):
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 import torch
 
-Tensor = torch.Tensor
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint is not one this converter knows how to map (named key, shape, what to do)."""
-
-
-@dataclass
-class Converted:
-    state: dict[str, Tensor]  # pixelgen generator state dict (fp32)
-    model: dict  # the model.* keys of a run config that builds the generator these weights fit
-    resolution: int | None = None  # the image size the published model was trained at, when the kind says
-    notes: list[str] = field(default_factory=list)  # what was read off the checkpoint, for the user
+from .common import CheckpointMismatch, Converted, Reader, Tensor
 
 
 def rope_pair_order(head_dim: int) -> Tensor:
@@ -54,42 +32,14 @@ def sincos_channel_order(dim: int) -> Tensor:
     return (torch.arange(dim) + dim // 2) % dim
 
 
-class _Reader:
-    """Takes tensors out of the official state dict by name, checking each shape; reports leftovers."""
-
-    def __init__(self, state: dict[str, Tensor], what: str):
-        self.state, self.what, self.used = state, what, set()
-
-    def __call__(self, key: str, shape: tuple | None = None) -> Tensor:
-        if key not in self.state:
-            raise CheckpointMismatch(f"{self.what}: no tensor '{key}' in the checkpoint, which a {self.what} "
-                                     f"checkpoint has: is this the right kind, and the model's own state dict?")
-        value = self.state[key]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            raise CheckpointMismatch(f"{self.what}: '{key}' has shape {tuple(value.shape)}, expected {tuple(shape)} "
-                                     f"from the rest of the checkpoint")
-        self.used.add(key)
-        return value.detach().float().cpu().clone()
-
-    def count(self, pattern: str) -> int:
-        found = {int(m.group(1)) for k in self.state if (m := re.fullmatch(pattern, k))}
-        if found != set(range(len(found))):
-            raise CheckpointMismatch(f"{self.what}: blocks matching '{pattern}' are numbered {sorted(found)}, "
-                                     f"not 0..n-1: the checkpoint is incomplete")
-        return len(found)
-
-    def leftovers(self) -> list[str]:
-        return sorted(set(self.state) - self.used)
-
-
-def _qkv(read: _Reader, prefix: str, dim: int, head_dim: int, in_dim: int) -> Tensor:
+def _qkv(read: Reader, prefix: str, dim: int, head_dim: int, in_dim: int) -> Tensor:
     w = read(f"{prefix}.qkv.weight", (3 * dim, in_dim)).view(3, dim // head_dim, head_dim, in_dim)
     order = rope_pair_order(head_dim)
     w[0], w[1] = w[0][:, order], w[1][:, order]  # q and k; v carries no position
     return w.reshape(3 * dim, in_dim)
 
 
-def _attention(read: _Reader, src: str, dst: str, dim: int, head_dim: int, in_dim: int) -> dict[str, Tensor]:
+def _attention(read: Reader, src: str, dst: str, dim: int, head_dim: int, in_dim: int) -> dict[str, Tensor]:
     order = rope_pair_order(head_dim)
     return {f"{dst}.qkv.weight": _qkv(read, src, dim, head_dim, in_dim),
             f"{dst}.q_norm.weight": read(f"{src}.q_norm.weight", (head_dim,))[order],
@@ -99,7 +49,7 @@ def _attention(read: _Reader, src: str, dst: str, dim: int, head_dim: int, in_di
 
 
 def convert_pixeldit(state: dict[str, Tensor]) -> Converted:
-    read = _Reader(state, "PixelDiT")
+    read = Reader(state, "PixelDiT")
     what = "PixelDiT"
     embed = read("s_embedder.proj.weight")
     dim, patch_in = embed.shape
@@ -189,13 +139,4 @@ def convert_pixeldit(state: dict[str, Tensor]) -> Converted:
              "repa": {"weight": 0.0}}
     notes = [f"PixelDiT: {depth} patch blocks x {dim} ({dim // head_dim} heads), {pixel_depth} PiT blocks x "
              f"{pixel_dim} ({dim // pixel_head_dim} heads), patch {p}, {num_classes} classes"]
-    return Converted(out, model, None, notes)
-
-
-CONVERTERS = {"pixeldit": convert_pixeldit}
-
-
-def convert(kind: str, state: dict[str, Tensor]) -> Converted:
-    if kind not in CONVERTERS:
-        raise ValueError(f"unknown checkpoint kind {kind!r}: one of {', '.join(CONVERTERS)}")
-    return CONVERTERS[kind](state)
+    return Converted(out, model, notes)

@@ -1,0 +1,23 @@
+"""Published checkpoints into pixelgen's generator weights, one converter per official code base.
+
+`convert(kind, state)` takes the official model's state dict (already taken out of its training checkpoint) and
+returns pixelgen's generator state dict plus the model keys (`model.*` of a run config) that build the matching
+generator. The architecture is read off the tensor shapes; a checkpoint that does not fit fails naming the key,
+the shape found and the shape expected. `pixelgen import` (pipeline/importer.py) is the command around it.
+"""
+
+from __future__ import annotations
+
+from . import pixeldit
+from .common import CheckpointMismatch, Converted, Tensor
+
+CONVERTERS = {"pixeldit": pixeldit.convert_pixeldit}
+
+
+def convert(kind: str, state: dict[str, Tensor]) -> Converted:
+    if kind not in CONVERTERS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}: one of {', '.join(CONVERTERS)}")
+    return CONVERTERS[kind](state)
+
+
+__all__ = ["CONVERTERS", "CheckpointMismatch", "Converted", "convert"]
