@@ -19,7 +19,7 @@ from pixelgen import families
 from pixelgen.data.config import DataConfig, ShardConfig, check_shard
 from pixelgen.engine.config import (DecoderTrainConfig, LoggingConfig, TrainConfig, batch_split_error,
                                     check_decoder_train, check_train)
-from pixelgen.eval.config import FIDConfig, check_fid, ema_decay
+from pixelgen.eval.config import SPLIT_REFERENCES, FIDConfig, check_fid, ema_decay
 from pixelgen.models.config import ModelConfig, ObjectiveConfig, SamplerConfig, check_objective, check_sampler
 from pixelgen.models.teachers import check_weights as check_teacher_weights
 
@@ -202,8 +202,11 @@ def _check_stages(cfg, fail) -> None:
     if "shard" in stages and not cfg.data.imagenet_dir:
         fail("data.imagenet_dir", cfg.data.imagenet_dir,
              "the shard stage needs an ImageNet-layout folder (make one with `pixelgen fake-imagenet DIR`)")
-    if "shard" not in stages and not cfg.data.shard_dir and stages & {"train_trunk", "train_decoder", "fid"}:
-        fail("data.shard_dir", cfg.data.shard_dir, "without the shard stage, point data.shard_dir at existing shards")
+    # FID alone against a reference file (published weights scored against ADM's batch) reads no images.
+    needs_images = stages & {"train_trunk", "train_decoder"} or ("fid" in stages and cfg.fid.reference in SPLIT_REFERENCES)
+    if "shard" not in stages and not cfg.data.shard_dir and needs_images:
+        fail("data.shard_dir", cfg.data.shard_dir, "without the shard stage, point data.shard_dir at existing shards"
+             + ("" if stages & {"train_trunk", "train_decoder"} else ", or fid.reference at a reference .npz file"))
     if "train_decoder" in stages and "train_trunk" not in stages and not cfg.train_decoder.init_from:
         fail("train_decoder.init_from", cfg.train_decoder.init_from,
              "the decoder stage needs a trunk: add train_trunk to stages or set train_decoder.init_from "

@@ -418,8 +418,9 @@ class _Points:
 
 def fid_scorer(cfg, run_dir: Path, out: Path) -> tuple[_Points, int | None, dict]:
     """What scores points into `out` under the run's FID protocol (fid.*): the Inception features and the
-    reference (cached beside the shards). Returns (scorer, reference image count or None, reference entries)."""
-    manifest = _checked_manifest(cfg, run_dir)
+    reference (cached beside the shards). Returns (scorer, reference image count or None, reference entries).
+    A reference file needs no shards: scoring published weights against ADM's batch reads no ImageNet."""
+    manifest = _checked_manifest(cfg, run_dir) if _needs_shards(cfg) else None
     out.mkdir(parents=True, exist_ok=True)
     dist = init_distributed()
     weights, is_proxy = fid_lib.resolve_inception_weights(cfg.fid, out)
@@ -427,6 +428,12 @@ def fid_scorer(cfg, run_dir: Path, out: Path) -> tuple[_Points, int | None, dict
     proto = fid_lib.protocol(cfg.fid, weights, is_proxy, 0, 0)  # hashes the weights file once
     ref_stats, num_ref, ref_desc = _reference(cfg, run_dir, manifest, out, extractor, proto["weights_sha256"])
     return _Points(cfg, run_dir, out, extractor, ref_stats, {**proto, "proxy": is_proxy}), num_ref, ref_desc
+
+
+def _needs_shards(cfg) -> bool:
+    """Whether the FID stage reads the shards: for a split's statistics, or to check them against the config
+    where there are any (pipeline.config lets a reference file go without)."""
+    return cfg.fid.reference in SPLIT_REFERENCES or bool(cfg.data.shard_dir) or "shard" in cfg.stages
 
 
 def stage_fid(cfg, run_dir: Path) -> dict:

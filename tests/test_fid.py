@@ -394,6 +394,16 @@ def test_the_fid_stage_takes_a_reference_file_hashes_it_and_featurises_its_image
     assert len(calls) == 1 and np.array_equal(again["features"], ref["features"])  # cached, keyed by the file
     _reference(cfg, tmp_path, {}, out, Counting(), "other-weights")
     assert len(calls) == 2  # other Inception weights: featurised again
+    # FID alone on weights of its own (pixelgen import) against a reference file reads no shards; against a split
+    # it needs them.
+    from pipeline.config import ConfigError
+    from pipeline.stages import _needs_shards
+
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    alone = ["stages=[fid]", f"fid.weights={tmp_path / 'w.safetensors'}"]
+    assert not _needs_shards(load_config("configs/tiny.yaml", [*alone, f"fid.reference={path}"]))
+    with pytest.raises(ConfigError, match=r"'data.shard_dir'.*or fid.reference at a reference .npz file"):
+        load_config("configs/tiny.yaml", alone)
 
 
 def test_streamed_statistics_match_torch_fidelitys_over_all_rows_at_once():
