@@ -1,6 +1,7 @@
 """A tiny PixelDiT overfits a handful of images on the CPU: the model and the objective can learn at all.
 
     .venv/bin/python benchmarks/overfit.py [--images 6] [--steps 600] [--out docs/overfit.png]
+    .venv/bin/python benchmarks/overfit.py --init compare [--seeds 3] [--steps 600]
 
 Trains a small trunk + PiT decoder with plain AdamW (no engine, no DeepSpeed: this checks the network and the
 rectified-flow objective, not the training machinery) on N fixed images from the fake ImageNet drawer, one per
@@ -9,13 +10,18 @@ with fresh t and noise. At a few checkpoints it samples every class from the sam
 PNG (the targets, the samples at each checkpoint, the loss curve) and prints the loss ratio between the first
 and last window of steps and the mean squared error of the samples to their targets at each checkpoint.
 The defaults make docs/overfit.png; tests/test_overfit.py runs the same functions with smaller settings.
+
+`--init compare` trains the same model under both `model.init` values (pixelgen, published) on the same images,
+t and noise, for each of `--seeds` seeds, and prints the published / pixelgen ratios (final loss, steps to loss
+thresholds, the samples' final error) as a markdown table; it writes no PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +33,7 @@ from pixelgen.diffusion import OBJECTIVES, SAMPLERS, FlowMatching, sample
 from pixelgen.io import atomic_write
 from pixelgen.families import build_generator
 from pixelgen.models import count_params
-from pixelgen.models.config import DecoderConfig, ModelConfig, ObjectiveConfig, SamplerConfig, TrunkConfig
+from pixelgen.models.config import DecoderConfig, Init, ModelConfig, ObjectiveConfig, SamplerConfig, TrunkConfig
 from pixelgen.viz import to_uint8
 
 
@@ -42,6 +48,7 @@ class OverfitConfig:
     pixel_dim: int = 16
     pixel_depth: int = 1  # PiT blocks
     objective: str = "flow_velocity"  # or x_pred (JiT)
+    init: str = "pixelgen"  # model.init: pixelgen | published
     steps: int = 600
     repeats: int = 4  # batch = the N images, each `repeats` times with its own t and noise
     lr: float = 3e-3
@@ -107,6 +114,7 @@ def build_model(cfg: OverfitConfig) -> torch.nn.Module:
         decoder=DecoderConfig(pixel_dim=cfg.pixel_dim, depth=cfg.pixel_depth, heads=cfg.heads),
         num_classes=cfg.images,
         class_dropout=0.0,
+        init=cfg.init,
     )
     return build_generator(model_cfg, cfg.resolution)
 
@@ -167,6 +175,53 @@ def summary(result: OverfitResult) -> str:
             f"worst own/other distance {result.worst_own_to_other(step):.2f}"
         )
     return "\n".join(lines)
+
+
+# Loss levels, as fractions of the first step's loss (the same under every init: the untrained model predicts 0
+# and both runs draw the same t and noise), whose first crossing by the running mean of `window` steps is counted;
+# both inits reach these within 400 steps at the defaults.
+LOSS_LEVELS = (1 / 4, 1 / 8)
+
+
+def steps_to(result: OverfitResult, level: float) -> int | None:
+    """The first step at which the mean loss of the last `window` steps is at most `level` x the first step's
+    loss, or None if it never is."""
+    w = result.cfg.window
+    running = result.losses.unfold(0, w, 1).mean(dim=1)
+    hit = (running <= level * result.losses[0]).nonzero()
+    return int(hit[0]) + w if len(hit) else None
+
+
+def _steps(n: int | None, cfg: OverfitConfig) -> str:
+    return str(n) if n else f">{cfg.steps}"
+
+
+def compare_inits(cfg: OverfitConfig, seeds: int) -> str:
+    """Both inits on each seed (same images, t and noise); a markdown table of published / pixelgen ratios."""
+    rows, ratios = [], {}
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        runs = {init: overfit(replace(cfg, init=init, seed=seed)) for init in Init}
+        base, pub = runs[Init.pixelgen], runs[Init.published]
+        final = max(base.samples)
+        cells = [pub.loss_end() / base.loss_end(), pub.mse(final) / base.mse(final)]
+        steps = [(steps_to(base, f), steps_to(pub, f)) for f in LOSS_LEVELS]
+        cells += [p / b if p and b else float("nan") for b, p in steps]
+        for k, v in enumerate(cells):
+            ratios.setdefault(k, []).append(v)
+        rows.append(f"| {seed} | {base.loss_end():.4f} / {pub.loss_end():.4f} (**{cells[0]:.2f}**) | "
+                    f"{base.mse(final):.4f} / {pub.mse(final):.4f} (**{cells[1]:.2f}**) | "
+                    + " | ".join(f"{_steps(b, cfg)} / {_steps(p, cfg)} (**{c:.2f}**)"
+                                 for (b, p), c in zip(steps, cells[2:]))
+                    + f" | {base.seconds:.0f} / {pub.seconds:.0f} |")
+    geo = [math.exp(sum(math.log(v) for v in vs) / len(vs)) if all(v == v for v in vs) else float("nan")
+           for vs in ratios.values()]
+    levels = " | ".join(f"steps to 1/{round(1 / f)} of step 1's loss" for f in LOSS_LEVELS)
+    head = [f"| seed | final loss, pixelgen / published (ratio published / pixelgen) | final sample MSE | {levels} "
+            f"| seconds |",
+            "|---|---:|---:|" + "---:|" * len(LOSS_LEVELS) + "---:|"]
+    mean = (f"| geometric mean of the ratios | **{geo[0]:.2f}** | **{geo[1]:.2f}** | "
+            + " | ".join(f"**{g:.2f}**" for g in geo[2:]) + " | |")
+    return "\n".join(head + rows + [mean])
 
 
 def loss_axis(ax, checkpoints, title: str) -> None:
@@ -250,6 +305,10 @@ def main() -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler, help="ODE sampler (default %(default)s)")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="sampler steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds weights, images, t, noise (default %(default)s)")
+    p.add_argument("--init", choices=[*Init, "compare"], default=d.init,
+                   help="model.init, or compare: both side by side, ratios published / pixelgen (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="compare only: seeds --seed, --seed + 1, ... (default %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for a model this small (default %(default)s)")
     p.add_argument("--out", default="docs/overfit.png", help="PNG to write (default %(default)s)")
@@ -260,9 +319,14 @@ def main() -> None:
         images=args.images, resolution=args.resolution, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
         heads=args.heads, pixel_dim=args.pixel_dim, pixel_depth=args.pixel_depth, steps=args.steps,
         objective=args.objective, repeats=args.repeats, lr=args.lr, sampler=args.sampler,
-        sample_steps=args.sample_steps, seed=args.seed,
+        sample_steps=args.sample_steps, seed=args.seed, init=Init.pixelgen if args.init == "compare" else args.init,
     )
     print(f"{count_params(build_model(cfg)) / 1e6:.2f} M parameters")
+    if args.init == "compare":
+        start = time.perf_counter()
+        print(compare_inits(cfg, args.seeds))
+        print(f"{time.perf_counter() - start:.0f} s on {args.threads} thread(s)")
+        return
     result = overfit(cfg, log_every=max(1, cfg.steps // 10))
     print(summary(result))
     print(f"{result.seconds:.0f} s on {args.threads} thread(s); wrote {plot(result, args.out)}")

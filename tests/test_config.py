@@ -76,6 +76,14 @@ def test_impossible_combinations(tmp_path, override, key):
     assert f"'{key}'" in msg
 
 
+
+def test_model_init_is_a_known_one_that_the_family_has(tmp_path):
+    msg, path = _err(tmp_path, "data: {imagenet_dir: /x}\nmodel:\n  init: xavier\n")
+    assert "'model.init'" in msg and "xavier" in msg and "published" in msg and path in msg
+    msg, _ = _err(tmp_path, overrides=["data.imagenet_dir=/x", "model.init=published", "model.trunk.kind=semantic_ar"])
+    assert "'model.init'" in msg and "model.init=pixelgen" in msg
+    assert load_config(TINY, ["data.imagenet_dir=/x", "model.init=published"]).model.init == "published"
+
 @pytest.mark.parametrize("stage", ["train_trunk", "train_decoder"])
 def test_batch_must_split_evenly_over_the_ranks(tmp_path, stage):
     # tiny.yaml: batch 8, grad_accum 1. Three ranks cannot share 8 images evenly.

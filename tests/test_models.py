@@ -1,5 +1,6 @@
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from pixelgen.families import build_generator
 from pixelgen.models import SIZES, count_params
 from pixelgen.models.config import DecoderConfig, ModelConfig, RepaConfig, TrunkConfig
-from pixelgen.models.layers import apply_rope, rope_2d
+from pixelgen.models.layers import RMSNorm, apply_rope, rope_2d
 
 NUM_CLASSES = 10
 
@@ -280,6 +281,88 @@ def test_bad_repa_block_is_named():
     cfg.repa = RepaConfig(weight=0.5, block=3)  # the tiny trunk has 2 blocks
     with pytest.raises(ValueError, match=r"model\.repa\.block"):
         build_generator(cfg, resolution=32)
+
+
+
+# --------------------------------------------------------------------------------- initialisation (model.init)
+def init_model(init: str, **decoder_kw):
+    cfg = tiny_cfg(**decoder_kw)
+    cfg.init = init
+    torch.manual_seed(0)
+    return build_generator(cfg, resolution=32)
+
+
+def xavier_std(linear) -> float:
+    fan_out, fan_in = linear.weight.shape
+    return math.sqrt(2 / (fan_in + fan_out))
+
+
+def assert_close_to(value, expected, rel, what):
+    assert abs(value / expected - 1) < rel, f"{what}: {value:.4f}, expected {expected:.4f}"
+
+
+def generic_linears(model):
+    """Linears that neither init names: PiT's compaction, a SwiGLU weight, attention's output projection."""
+    block = model.trunk.blocks[0]
+    return {"compress": model.decoder.blocks[0].compress, "w1": block.mlp.w1, "attn.proj": block.attn.proj}
+
+
+def assert_special_inits(model):
+    """What both inits share, as the official PixelDiT code sets it: a xavier patch embedding with zero bias,
+    N(0, 0.02) class table and timestep-MLP weights, zero AdaLN and output layer, RMSNorm weights of one."""
+    trunk, dec = model.trunk, model.decoder
+    assert_close_to(trunk.patch_embed.weight.std().item(), xavier_std(trunk.patch_embed), 0.05, "patch embed std")
+    assert not trunk.patch_embed.bias.any()
+    weights = {"class table": trunk.semantic.y_embed.table.weight, "t mlp 0": trunk.semantic.t_embed.mlp[0].weight,
+               "t mlp 2": trunk.semantic.t_embed.mlp[2].weight}
+    for what, w in weights.items():
+        assert_close_to(w.std().item(), 0.02, 0.15, what)
+    zeros = [p for b in trunk.blocks for p in b.adaLN.parameters()]
+    zeros += [p for b in dec.blocks for p in b.adaLN.parameters()] + list(dec.final.parameters())
+    assert not any(p.any() for p in zeros)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules() if isinstance(m, RMSNorm))
+
+
+def test_published_init_leaves_pytorchs_default_where_the_official_code_does():
+    model = init_model("published")
+    assert_special_inits(model)
+    for what, linear in generic_linears(model).items():
+        # PyTorch's default: weights kaiming-uniform(a=sqrt 5) = U(-b, b), biases U(-b, b), b = 1/sqrt(fan_in)
+        bound = linear.weight.shape[1] ** -0.5
+        assert linear.weight.abs().max() <= bound, what
+        assert_close_to(linear.weight.std().item(), bound / math.sqrt(3), 0.05, f"{what} std")
+        if linear.bias is not None:
+            assert linear.bias.abs().max() <= bound and linear.bias.std() > bound / 3, f"{what} bias"
+    # The timestep MLP's biases keep theirs too (the official code sets only its weights).
+    assert model.trunk.semantic.t_embed.mlp[0].bias.std() > 0
+
+
+def test_pixelgen_init_is_xavier_with_zero_biases():
+    model = init_model("pixelgen")
+    assert_special_inits(model)
+    for what, linear in generic_linears(model).items():
+        assert_close_to(linear.weight.std().item(), xavier_std(linear), 0.05, f"{what} std")
+        assert linear.bias is None or not linear.bias.any(), f"{what} bias"
+    assert not model.trunk.semantic.t_embed.mlp[0].bias.any()
+
+
+@pytest.mark.parametrize("init", ["pixelgen", "published"])
+def test_untrained_generator_predicts_zero_under_either_init(init):
+    x, t, y = inputs()
+    for kind in ("pit", "mlp", "mixer"):
+        out = init_model(init, kind=kind)(x, t, y)
+        assert torch.equal(out, torch.zeros_like(out)), kind
+
+
+@pytest.mark.parametrize("kind", ["dino_student", "semantic_ar"])
+def test_published_init_is_refused_where_there_is_no_official_code_to_follow(kind):
+    from pixelgen.families import check_model_config
+
+    cfg = ModelConfig(trunk=TrunkConfig(kind=kind, size="tiny", patch_size=16), num_classes=NUM_CLASSES)
+    check_model_config(cfg, 32)
+    cfg.init = "published"
+    with pytest.raises(ValueError, match=rf"'model\.init' = 'published'.*{kind}.*model\.init=pixelgen"):
+        check_model_config(cfg, 32)
 
 
 # ------------------------------------------------------------------------------------ cached position tables

@@ -19,7 +19,7 @@ from pixelgen.alignment import AlignmentLosses
 from pixelgen.diffusion import FlowMatching, sample
 from pixelgen.engine.dist import DistInfo
 from pixelgen.models import pixel_generator
-from pixelgen.models.config import DecoderConfig, ModelConfig, ObjectiveConfig, TeacherConfig, TrunkConfig
+from pixelgen.models.config import DecoderConfig, Init, ModelConfig, ObjectiveConfig, TeacherConfig, TrunkConfig
 from pixelgen.models.decoder import KINDS as PIXEL_DECODERS
 from pixelgen.models.teachers import TEACHERS
 from pixelgen.precision import autocast
@@ -60,12 +60,20 @@ def trunk_trains_anywhere(cfg) -> bool:
 class Family:
     kind: str = ""
     decoder_kinds: tuple[str, ...] = ()
+    # The model.init values its networks implement; `published` initialises them as the family's official code
+    # does (PixelDiT's: only its embedding and zero inits, PyTorch's default for every other Linear).
+    inits: tuple[str, ...] = (Init.pixelgen,)
     # Metric keys worth a panel in curves.png (those a run never logs are left out), after the total loss.
     plot_keys: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------------- config
     def check(self, model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfig, fail: Fail) -> None:
-        """The family's own cross-field checks of the model keys (the generic ones ran before)."""
+        """The family's own cross-field checks of the model keys (the generic ones ran before); a family's
+        override calls this one too."""
+        if model_cfg.init not in self.inits:
+            fail("init", str(model_cfg.init), f"trunk kind {self.kind} implements only {' | '.join(self.inits)} "
+                 f"(published follows a family's official code, and {self.kind} has none to follow): "
+                 f"set model.init={self.inits[0]}")
 
     def check_experiment(self, cfg, fail: Callable[[str, object, str], None]) -> None:
         """Checks that need more of the experiment than the model keys; `fail(full key, value, why)`."""
@@ -128,6 +136,7 @@ class FlowFamily(Family):
     plot_keys = ("fm_loss", "repa_loss")
 
     def check(self, model_cfg, trunk, dec, fail):
+        super().check(model_cfg, trunk, dec, fail)
         repa = model_cfg.repa
         if repa.weight > 0:
             if repa.teacher.name not in TEACHERS:

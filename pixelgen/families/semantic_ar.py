@@ -34,6 +34,7 @@ class SemanticAR(Family):
 
     # ------------------------------------------------------------------------------------------- config
     def check(self, model_cfg, trunk, dec, fail):
+        super().check(model_cfg, trunk, dec, fail)
         ar = trunk.ar
         choices = {"trunk.ar.mode": (ar.mode, MODES), "trunk.ar.target": (ar.target, TARGETS),
                    "trunk.ar.dictionary": (ar.dictionary, DICTIONARIES),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch.nn as nn
 
 from .ar_generator import ARGenerator
-from .config import DecoderConfig, ModelConfig, TrunkConfig
+from .config import DecoderConfig, Init, ModelConfig, TrunkConfig
 from .decoder import ADALN, ATTENTION, KINDS, PixelDecoder
 from .generator import PixelGenerator, repa_projector
 from .teachers import TEACHERS
@@ -62,7 +62,7 @@ def check_networks(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfi
     """The checks every family's networks share (patch grid, head widths, decoder choices); the family's own
     follow (pixelgen.families.check_model_config). `fail(key below model., value, why)` raises."""
     choices = {"decoder.kind": (dec.kind, DECODER_KINDS), "decoder.attention": (dec.attention, ATTENTION),
-               "decoder.adaln": (dec.adaln, ADALN)}
+               "decoder.adaln": (dec.adaln, ADALN), "init": (model_cfg.init, tuple(Init))}
     for key, (value, known) in choices.items():
         if value not in known:
             fail(key, value, f"must be one of {', '.join(known)}")
@@ -87,7 +87,8 @@ def check_networks(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfi
         fail("class_dropout", model_cfg.class_dropout, "must be in [0, 1)")
 
 
-def pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig) -> PixelDecoder:
+def pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig,
+                  init: Init = Init.pixelgen) -> PixelDecoder:
     return PixelDecoder(
         kind=dec_cfg.kind,
         patch_size=patch_size,
@@ -100,13 +101,14 @@ def pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfi
         mlp_hidden=dec_cfg.mlp_hidden or int(dec_cfg.mlp_ratio * dec_cfg.pixel_dim),
         adaln=dec_cfg.adaln,
         activation_checkpointing=dec_cfg.activation_checkpointing,
+        init=init,
     )
 
 
 def pixel_generator(model_cfg: ModelConfig, trunk: nn.Module, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig,
                     resolution: int) -> PixelGenerator:
     """A diffusion trunk's generator: the trunk, a pixel decoder, and REPA's projector when REPA is on."""
-    decoder = pixel_decoder(trunk_cfg.patch_size, trunk_cfg, dec_cfg)
+    decoder = pixel_decoder(trunk_cfg.patch_size, trunk_cfg, dec_cfg, model_cfg.init)
     projector, repa_block = None, None
     if model_cfg.repa.weight > 0:
         repa_block = model_cfg.repa.block

@@ -80,6 +80,11 @@ class CFGSchedule(StrEnum):
     linear = "linear"
 
 
+class Init(StrEnum):
+    pixelgen = "pixelgen"
+    published = "published"
+
+
 @dataclass
 class TeacherConfig:
     """A frozen DINO encoder built with timm and loaded from a local file (machines here have no internet)."""
@@ -195,6 +200,8 @@ class ModelConfig:
     repa: RepaConfig = field(default_factory=RepaConfig)
     num_classes: int = 1000  # the null class (for CFG) is index num_classes
     class_dropout: float = 0.1  # probability of replacing the label by the null class in training
+    # pixelgen: every Linear xavier with zero bias, then DiT's inits | published: as the family's official code
+    init: Init = Init.pixelgen
 
 
 @dataclass

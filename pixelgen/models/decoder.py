@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .config import AdaLNKind, AttentionKind, DecoderKind
-from .layers import MLP, Attention, RMSNorm, init_linear_xavier, modulate, rope_2d, run_block, sincos_2d
+from .config import AdaLNKind, AttentionKind, DecoderKind, Init
+from .layers import MLP, Attention, RMSNorm, init_linears, modulate, rope_2d, run_block, sincos_2d
 
 KINDS = tuple(k for k in DecoderKind if k != DecoderKind.pixel_ar)  # PixelDecoder's; pixel_ar is its own
 ATTENTION, ADALN = tuple(AttentionKind), tuple(AdaLNKind)
@@ -123,7 +123,7 @@ def dct_features(patch_size: int, max_freq: int = 8) -> torch.Tensor:
 class PixelDecoder(nn.Module):
     def __init__(self, *, kind: str, patch_size: int, cond_dim: int, pixel_dim: int, depth: int, heads: int,
                  attention: str, attn_dim: int, mlp_hidden: int, adaln: str,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, init: Init = Init.pixelgen):
         super().__init__()
         self.kind, self.attention, self.adaln = kind, attention, adaln
         self.patch_size = patch_size
@@ -149,10 +149,10 @@ class PixelDecoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(pixel_dim)
         self.final = nn.Linear(pixel_dim, 3)
-        self.initialize_weights()
+        self.initialize_weights(init)
 
-    def initialize_weights(self):
-        self.apply(init_linear_xavier)
+    def initialize_weights(self, init: Init = Init.pixelgen):
+        init_linears(self, init)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN.linear.weight)
             nn.init.zeros_(block.adaLN.linear.bias)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from torch.utils.checkpoint import checkpoint
 
+from .config import Init
+
 T = TypeVar("T")
 
 
@@ -31,6 +33,21 @@ def init_linear_xavier(module):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def init_linears(module: nn.Module, init: Init) -> None:
+    """The base init of every Linear in `module`, which its owner's embedding and zero inits then override.
+
+    pixelgen: xavier-uniform weights, zero biases (DiT's). published: PyTorch's default (kaiming-uniform weights,
+    uniform biases), drawn again here: the official PixelDiT code leaves every Linear it does not name at that,
+    and at XL the PiT compaction's weights then have std 0.009 rather than xavier's 0.020."""
+    published = Init(init) == Init.published  # anything else raises here, not silently as pixelgen
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            if published:
+                m.reset_parameters()
+            else:
+                init_linear_xavier(m)
 
 
 class RMSNorm(nn.Module):

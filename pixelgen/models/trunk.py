@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .config import Init
 from .layers import (
     Attention,
     ClassEmbedder,
@@ -14,6 +15,7 @@ from .layers import (
     SwiGLU,
     TimestepEmbedder,
     init_linear_xavier,
+    init_linears,
     modulate,
     rope_2d,
     run_block,
@@ -60,8 +62,8 @@ class SemanticBlocks(nn.Module):
         self.y_embed = ClassEmbedder(num_classes, dim)
         self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
 
-    def initialize_weights(self):
-        self.apply(init_linear_xavier)  # DiT's basic init, then its embedding and adaLN-Zero inits
+    def initialize_weights(self, init: Init = Init.pixelgen):
+        init_linears(self, init)  # then DiT's embedding and adaLN-Zero inits, which PixelDiT's code shares
         nn.init.normal_(self.y_embed.table.weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embed.mlp[2].weight, std=0.02)
@@ -87,22 +89,22 @@ class PatchTrunk(nn.Module):
     semantic DiT blocks over them."""
 
     def __init__(self, *, patch_size: int, dim: int, depth: int, heads: int, mlp_ratio: float, num_classes: int,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, init: Init = Init.pixelgen):
         super().__init__()
         self.patch_size = patch_size
         self.dim = dim
         self.patch_embed = nn.Linear(3 * patch_size * patch_size, dim)
         self.semantic = SemanticBlocks(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
                                        num_classes=num_classes, activation_checkpointing=activation_checkpointing)
-        self.initialize_weights()
+        self.initialize_weights(init)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.semantic.blocks
 
-    def initialize_weights(self):
-        init_linear_xavier(self.patch_embed)
-        self.semantic.initialize_weights()
+    def initialize_weights(self, init: Init = Init.pixelgen):
+        init_linear_xavier(self.patch_embed)  # either init: the official PixelDiT code's is xavier too
+        self.semantic.initialize_weights(init)
 
     def forward(self, x_BCHW, t_B, y_B, capture_block: Optional[int] = None) -> TrunkOutput:
         p = self.patch_size
