@@ -9,12 +9,13 @@ the memory trace. Adding a family is one module here plus one line in FAMILIES.
 
 from __future__ import annotations
 
-from pixelgen.families import dino_student, pixeldit, semantic_ar
+from pixelgen.families import dino_student, jit, pixeldit, semantic_ar
 from pixelgen.families.base import Family, StageContext, trunk_trains
 from pixelgen.models import check_networks, resolve_size
 from pixelgen.models.config import DecoderConfig, ModelConfig, TrunkConfig
 
-FAMILIES: dict[str, Family] = {f.kind: f for f in (pixeldit.FAMILY, dino_student.FAMILY, semantic_ar.FAMILY)}
+FAMILIES: dict[str, Family] = {f.kind: f for f in (pixeldit.FAMILY, dino_student.FAMILY, semantic_ar.FAMILY,
+                                                   jit.FAMILY)}
 KINDS = tuple(FAMILIES)
 
 

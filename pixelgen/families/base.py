@@ -132,7 +132,7 @@ class FlowFamily(Family):
     """Diffusion trunks (PixelDiT and the DINO student): a PixelGenerator trained by flow matching, REPA where
     configured, sampled by the ODE samplers with CFG."""
 
-    decoder_kinds = PIXEL_DECODERS
+    decoder_kinds = (*PIXEL_DECODERS, "linear")
     plot_keys = ("fm_loss", "repa_loss")
 
     def check(self, model_cfg, trunk, dec, fail):

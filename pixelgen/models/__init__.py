@@ -11,12 +11,12 @@ import torch.nn as nn
 
 from .ar_generator import ARGenerator
 from .config import DecoderConfig, Init, ModelConfig, TrunkConfig
-from .decoder import ADALN, ATTENTION, KINDS, PixelDecoder
+from .decoder import ADALN, ATTENTION, KINDS, PatchLinearHead, PixelDecoder
 from .generator import PixelGenerator, repa_projector
 from .teachers import TEACHERS
 from .trunk import PatchTrunk, TrunkOutput
 
-DECODER_KINDS = (*KINDS, "pixel_ar")
+DECODER_KINDS = (*KINDS, "linear", "pixel_ar")
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ def check_networks(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfi
 
 
 def pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfig,
-                  init: Init = Init.pixelgen) -> PixelDecoder:
+                  init: Init = Init.pixelgen) -> PixelDecoder | PatchLinearHead:
+    if dec_cfg.kind == "linear":  # its only width is the trunk's
+        return PatchLinearHead(patch_size=patch_size, dim=trunk_cfg.dim)
     return PixelDecoder(
         kind=dec_cfg.kind,
         patch_size=patch_size,

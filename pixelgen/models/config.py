@@ -42,6 +42,7 @@ class DecoderKind(StrEnum):
     pit = "pit"
     mlp = "mlp"
     mixer = "mixer"
+    linear = "linear"
     pixel_ar = "pixel_ar"
 
 
@@ -141,10 +142,22 @@ def end_to_end(ar: SemanticARConfig) -> bool:
 
 
 @dataclass
+class JiTConfig:
+    """JiT's trunk (kind jit): published per size as B/16 (128, 32, 4), L/16 (128, 32, 8), H/16 (256, 32, 10, 0.2),
+    G/16 (256, 32, 10, 0.2): see configs/jit_*.yaml."""
+
+    bottleneck: int = 128  # width of the bottleneck patch embedding (p x p x 3 -> bottleneck -> dim)
+    context_tokens: int = 32  # in-context class tokens (0 = none)
+    context_start: int = 4  # 0-based block they join before
+    dropout: float = 0.0  # in the middle half of the blocks, attention and MLP (H, G: 0.2)
+
+
+@dataclass
 class TrunkConfig:
     # pixeldit: patch-level DiT (RMSNorm, qk-norm, 2D RoPE, SwiGLU, adaLN-Zero)
     # dino_student: the DINOv3 student as input encoder, then `depth` of the same DiT blocks (patch_size 16)
     # semantic_ar: causal transformer over patches, the semantic level of methods B and C (`ar`)
+    # jit: JiT's plain ViT on pixel patches (`jit`), with decoder kind linear and objective x_pred
     kind: str = "pixeldit"
     size: Optional[str] = None  # named size from the registry (e.g. "tiny", "B", "L", "XL"); overrides dims
     patch_size: int = 16
@@ -155,6 +168,7 @@ class TrunkConfig:
     activation_checkpointing: bool = False  # recompute each block in backward instead of storing its activations
     student: StudentConfig = field(default_factory=StudentConfig)  # used by kind dino_student
     ar: SemanticARConfig = field(default_factory=SemanticARConfig)  # used by kind semantic_ar
+    jit: JiTConfig = field(default_factory=JiTConfig)  # used by kind jit
 
 
 @dataclass
@@ -173,6 +187,7 @@ class DecoderConfig:
     # pit: PixelDiT PiT blocks (AdaLN + attention + per-pixel MLP)
     # mlp: attention-free per-pixel MLP blocks with in-patch DCT position features (DeCo-like)
     # mixer: MLP-mixer blocks, a token-mixing MLP across the pixels of a patch plus a per-pixel MLP
+    # linear: one AdaLN-modulated Linear from each patch's trunk token to its pixels (JiT's output layer; DiT's)
     # pixel_ar: causal transformer over the pixels of a patch (method B; widths pixel_dim, depth, heads)
     # With trunk kind semantic_ar, pit/mlp/mixer denoise each patch as a MAR-style diffusion head (method C).
     kind: DecoderKind = DecoderKind.pit

@@ -22,7 +22,8 @@ from einops import rearrange
 from .config import AdaLNKind, AttentionKind, DecoderKind, Init
 from .layers import MLP, Attention, RMSNorm, init_linears, modulate, rope_2d, run_block, sincos_2d
 
-KINDS = tuple(k for k in DecoderKind if k != DecoderKind.pixel_ar)  # PixelDecoder's; pixel_ar is its own
+# PixelDecoder's; linear (PatchLinearHead) and pixel_ar are their own
+KINDS = tuple(k for k in DecoderKind if k not in (DecoderKind.pixel_ar, DecoderKind.linear))
 ATTENTION, ADALN = tuple(AttentionKind), tuple(AdaLNKind)
 
 
@@ -171,8 +172,9 @@ class PixelDecoder(nn.Module):
         px_BHWD = px_BHWD + sincos_2d(self.pixel_dim, H, W, device=x_BCHW.device).to(px_BHWD.dtype)
         return rearrange(px_BHWD, "b (h p1) (w p2) d -> (b h w) (p1 p2) d", p1=p, p2=p)
 
-    def forward(self, x_BCHW, cond_BLD):
-        """x_BCHW: the noisy image; cond_BLD: SiLU(t_emb + s) per patch, from the trunk. Returns [B, 3, H, W]."""
+    def forward(self, x_BCHW, cond_BLD, tokens_BLD=None):
+        """x_BCHW: the noisy image; cond_BLD: SiLU(t_emb + s) per patch, from the trunk (tokens_BLD, the trunk's
+        tokens themselves, are for the linear head). Returns [B, 3, H, W]."""
         p = self.patch_size
         B, _, H, W = x_BCHW.shape
         px_NPD = self.embed(x_BCHW)
@@ -187,3 +189,26 @@ class PixelDecoder(nn.Module):
             px_NPD = run_block(block, px_NPD, cond, rope, B, checkpointing=self.activation_checkpointing)
         out_NPC = self.final(self.final_norm(px_NPD))
         return rearrange(out_NPC, "(b h w) (p1 p2) c -> b c (h p1) (w p2)", b=B, h=H // p, p1=p)
+
+
+class PatchLinearHead(nn.Module):
+    """Decoder kind `linear`: each patch's pixels from its trunk token by one Linear, after RMSNorm and an AdaLN
+    shift and scale from the decoder's condition: JiT's output layer (under a PixelDiT trunk, DiT's, on the
+    per-patch condition). Its p*p*3 outputs are ordered (row, column, channel) within the patch, as JiT's; zero-
+    initialised like every decoder's output, so the untrained model predicts exactly zero."""
+
+    def __init__(self, *, patch_size: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm = RMSNorm(dim)
+        self.adaLN = nn.Linear(dim, 2 * dim)  # a bare Linear: the condition is already SiLU'd
+        self.linear = nn.Linear(dim, patch_size * patch_size * 3)
+        for layer in (self.adaLN, self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x_BCHW, cond_BLD, tokens_BLD):
+        p = self.patch_size
+        shift, scale = self.adaLN(cond_BLD).chunk(2, dim=-1)
+        out_BLF = self.linear(modulate(self.norm(tokens_BLD), shift, scale))
+        return rearrange(out_BLF, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=x_BCHW.shape[-2] // p, p1=p, p2=p)

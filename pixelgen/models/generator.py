@@ -35,7 +35,7 @@ class PixelGenerator(nn.Module):
     def forward(self, x_BCHW, t_B, y_B, return_features: bool = False):
         capture = self.repa_block if return_features and self.projector is not None else None
         trunk_out = self.trunk(x_BCHW, t_B, y_B, capture_block=capture)
-        pred_BCHW = self.decoder(x_BCHW, trunk_out.cond)
+        pred_BCHW = self.decoder(x_BCHW, trunk_out.cond, trunk_out.tokens)
         if not return_features:
             return pred_BCHW
         features = {}

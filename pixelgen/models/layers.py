@@ -187,14 +187,15 @@ def sdpa_head_dim(head_dim: int) -> int:
     return -(-head_dim // CUDA_HEAD_ALIGN) * CUDA_HEAD_ALIGN
 
 
-def sdpa(q, k, v, *, attn_mask=None, is_causal: bool = False, pad_to: int | None = None):
+def sdpa(q, k, v, *, attn_mask=None, is_causal: bool = False, pad_to: int | None = None, dropout_p: float = 0.0):
     """F.scaled_dot_product_attention over [B, H, L, d] heads, run at head width `pad_to` (zero-padded, with the
     unpadded 1/sqrt(d) scale) when that is wider than d."""
     d = q.shape[-1]
     if pad_to is None or pad_to <= d:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
     q, k, v = (F.pad(t, (0, pad_to - d)) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=d**-0.5)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=d**-0.5,
+                                         dropout_p=dropout_p)
     return out[..., :d]
 
 
@@ -225,14 +226,16 @@ class Attention(nn.Module):
     than the tokens it mixes (the decoder's low-dim pixels attending at a higher width).
     """
 
-    def __init__(self, dim: int, heads: int, io_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, io_dim: int | None = None, *, qkv_bias: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
         io_dim = dim if io_dim is None else io_dim
         self.heads = heads
         self.head_dim = dim // heads
-        self.qkv = nn.Linear(io_dim, 3 * dim, bias=False)
+        self.dropout = dropout  # on the attention weights and the output, in training (JiT's H and G)
+        self.qkv = nn.Linear(io_dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim)
         self.k_norm = RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, io_dim)
@@ -260,21 +263,24 @@ class Attention(nn.Module):
                 Lq, Lk = q.shape[2], k.shape[2]
                 mask = torch.arange(Lk, device=q.device)[None] <= past + torch.arange(Lq, device=q.device)[:, None]
         pad_to = sdpa_head_dim(self.head_dim) if q.is_cuda else None  # see attention_report
-        o_BHLd = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, pad_to=pad_to)
-        return self.proj(o_BHLd.transpose(1, 2).reshape(B, L, -1))
+        p = self.dropout if self.training else 0.0
+        o_BHLd = sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, pad_to=pad_to, dropout_p=p)
+        return F.dropout(self.proj(o_BHLd.transpose(1, 2).reshape(B, L, -1)), p)
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, *, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         # 2/3 keeps the parameter count of a GELU MLP with the same ratio; this order avoids 3071.999 -> 3071.
         hidden = int(2 * mlp_ratio * dim / 3)
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.dropout = dropout  # on the hidden features and the output, in training (JiT's H and G)
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w3 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        p = self.dropout if self.training else 0.0
+        return F.dropout(self.w2(F.dropout(F.silu(self.w1(x)) * self.w3(x), p)), p)
 
 
 class MLP(nn.Module):

@@ -32,12 +32,12 @@ class TrunkOutput(NamedTuple):
 class DiTBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero (shift/scale/gate for attention and MLP)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, qkv_bias=bias, dropout=dropout)  # bias, dropout: JiT's
         self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, mlp_ratio)
+        self.mlp = SwiGLU(dim, mlp_ratio, bias=bias, dropout=dropout)
         # A bare Linear: the trunk's condition is already SiLU'd.
         self.adaLN = nn.Linear(dim, 6 * dim)
 
