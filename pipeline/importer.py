@@ -24,23 +24,16 @@ EXAMPLES = """examples:
   pixelgen import pixeldit imagenet256_pixeldit_xl_epoch320.ckpt weights/pixeldit_xl_320.safetensors
   pixelgen import pixeldit imagenet512_pixeldit_xl.ckpt weights/pixeldit_xl_512.safetensors --resolution 512
   pixelgen import pixeldit imagenet256_pixeldit_xl_epoch80.ckpt out.safetensors sampler.cfg_scale=3.25 sampler.cfg_interval=[0.1,1.0]
+  pixelgen import jit jit-h-16/checkpoint-last.pth weights/jit_h16.safetensors
 then:
   pixelgen sample weights/pixeldit_xl_320.safetensors --classes 207,360,387
-  pixelgen run weights/pixeldit_xl_320.yaml data.shard_dir=/data/imagenet-shards fid.reference=/data/VIRTUAL_imagenet256_labeled.npz
+  pixelgen run weights/pixeldit_xl_320.yaml fid.reference=/data/VIRTUAL_imagenet256_labeled.npz --cluster NAME
 """
 
-DESCRIPTION = ("Convert an official checkpoint (the model's state dict, or a Lightning checkpoint holding it under "
-               "denoiser./ema_denoiser.) into pixelgen's generator weights, and write beside them a run config "
-               "that computes their FID with the published sampler settings (docs/models.md lists them).")
-
-# The sampler (and its resolution) each paper reports its best FID with, per kind; key=value overrides change it.
-PUBLISHED_SAMPLERS = {
-    # imagenet256_pixeldit_xl_epoch320.ckpt: FID 1.61 (80 / 160 epochs: cfg 3.25 on (0.1, 1.0));
-    # imagenet512_pixeldit_xl.ckpt: FID 1.81 with cfg 3.5 on (0.1, 1.0), time shift 2.0.
-    "pixeldit": {256: {"kind": "ab2", "steps": 100, "cfg_scale": 2.75, "cfg_interval": [0.1, 0.9], "time_shift": 1.0},
-                 512: {"kind": "ab2", "steps": 100, "cfg_scale": 3.5, "cfg_interval": [0.1, 1.0], "time_shift": 2.0}},
-}
-
+DESCRIPTION = ("Convert an official checkpoint (the model's own state dict, or the training checkpoint its code "
+               "saves: PixelDiT's Lightning file, JiT's checkpoint-*.pth) into pixelgen's generator weights, and "
+               "write beside them a run config that computes their FID with the published objective and sampler "
+               "settings (docs/models.md lists them).")
 
 def add_parser(sub, formatter_class) -> None:
     from pixelgen.models.official import CONVERTERS
@@ -61,20 +54,24 @@ def _options(p, defaults: bool = True) -> None:
     def default(value):
         return value if defaults else argparse.SUPPRESS
 
-    p.add_argument("--weights", choices=("ema", "model"), default=default("ema"),
-                   help="of a training checkpoint holding both: the EMA (what papers sample from, the default) or "
-                        "the trained weights")
-    p.add_argument("--resolution", type=int, default=default(256),
-                   help="the image size the model was trained at (default 256)")
+    p.add_argument("--weights", default=default("ema"), metavar="WHICH",
+                   help="which weights of a training checkpoint: ema (what the papers sample with, the default), "
+                        "model (the trained weights), ema2 (JiT's second EMA, 0.9996)")
+    p.add_argument("--resolution", type=int, default=default(None),
+                   help="the image size the model was trained at (default: what the weights fix, else 256)")
+    p.add_argument("--context-start", type=int, default=default(None), metavar="N",
+                   help="jit: the block the in-context class tokens join before, for a model of none of the "
+                        "published depths whose checkpoint does not name its size")
     p.add_argument("--allow-pickle", action="store_true", default=default(False),
-                   help="load a torch checkpoint that holds Python objects besides tensors (runs its pickled code: "
-                        "only for files from a source you trust)")
+                   help="load a torch checkpoint that holds Python objects besides tensors and training "
+                        "arguments (runs its pickled code: only for files from a source you trust)")
     p.add_argument("--force", action="store_true", default=default(False),
                    help="replace OUT and its .yaml when they exist")
 
 
-def read_checkpoint(path: Path, weights: str, allow_pickle: bool) -> tuple[dict, str]:
-    """The model state dict inside an official checkpoint file, and where in the file it was."""
+def _load(path: Path, allow_pickle: bool):
+    """The checkpoint file's contents: a .safetensors file's tensors, or what torch.load gives (tensors,
+    containers and argparse.Namespace only, unless allow_pickle: JiT keeps its training arguments as one)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -83,56 +80,79 @@ def read_checkpoint(path: Path, weights: str, allow_pickle: bool) -> tuple[dict,
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
         try:
-            data = load_file(str(path))
+            return load_file(str(path))
         except SafetensorError as err:
             raise ConfigError(f"checkpoint '{path}' is not a readable .safetensors file ({err})") from None
-    else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-        except pickle.UnpicklingError as err:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            raise ConfigError(f"checkpoint '{path}' holds Python objects besides tensors, which loading it safely "
-                              f"refuses{f' (such as a {found.group(1)})' if found else ''}: if you trust where it "
-                              f"came from, run again with --allow-pickle") from None
-        except RuntimeError as err:  # not a torch file (zip or legacy pickle)
-            raise ConfigError(f"checkpoint '{path}' cannot be read by torch.load ({str(err).splitlines()[0]})") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]  # Lightning
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise ConfigError(f"checkpoint '{path}' holds Python objects besides tensors, which loading it safely "
+                          f"refuses{f' (such as a {found.group(1)})' if found else ''}: if you trust where it "
+                          f"came from, run again with --allow-pickle") from None
+    except RuntimeError as err:  # not a torch file (zip or legacy pickle)
+        raise ConfigError(f"checkpoint '{path}' cannot be read by torch.load ({str(err).splitlines()[0]})") from None
+
+
+def read_checkpoint(path: Path, kind: str, weights: str, allow_pickle: bool) -> tuple[dict, str, dict]:
+    """(the model state dict inside an official checkpoint file, where in the file it was, the training arguments
+    the file keeps or {}). A training checkpoint is looked into where that code base keeps `weights`
+    (pixelgen.models.official.CHECKPOINTS); anything else is taken as the model's own state dict."""
+    import torch
+
+    from pixelgen.models.official import CHECKPOINTS
+
+    data = _load(path, allow_pickle)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise ConfigError(f"checkpoint '{path}' holds a {type(data).__name__}, not a state dict of named tensors")
-    order = ("ema_denoiser.", "denoiser.") if weights == "ema" else ("denoiser.", "ema_denoiser.")
-    for prefix in order:
-        inner = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
-        if inner:
-            if prefix != order[0]:
-                raise ConfigError(f"checkpoint '{path}': --weights {weights} asks for {order[0]}* tensors and the "
-                                  f"file has only {prefix}*: pass --weights "
-                                  f"{'model' if weights == 'ema' else 'ema'}")
-            return inner, prefix.rstrip(".")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, "the model's state dict"
+        raise ConfigError(f"checkpoint '{path}' holds a {type(data).__name__}, not a dict of named tensors")
+    args = data.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    places = CHECKPOINTS[kind]
+    if weights not in places:
+        raise ConfigError(f"--weights {weights}: a {kind} checkpoint holds {' | '.join(places)}")
+
+    def inside(entry: str, prefix: str) -> dict:
+        holder = data.get(entry) if isinstance(data.get(entry), dict) else {}
+        return {k[len(prefix):]: v for k, v in holder.items() if k.startswith(prefix)}
+
+    if any(inside(*place) for place in places.values()):  # a training checkpoint of this kind
+        state = inside(*places[weights])
+        if not state:
+            there = [w for w, place in places.items() if inside(*place)]
+            raise ConfigError(f"checkpoint '{path}': --weights {weights} looks for {places[weights][1]}* in "
+                              f"{places[weights][0]!r}, which the file does not have: it holds {' | '.join(there)}")
+        return state, f"{places[weights][0]}/{places[weights][1].rstrip('.')}", args
+    state = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ConfigError(f"checkpoint '{path}' has neither a {kind} training checkpoint's entries "
+                          f"({', '.join(sorted({e for e, _ in places.values()}))}) nor tensors of its own")
+    return state, "the model's state dict", args
 
 
 def run_config(kind: str, converted, resolution: int, out: Path, overrides: list[str]):
     """The typed run config that builds the converted generator and scores OUT. What the import decides is checked
-    here (the model keys, the sampler, the FID settings); where the images come from (data.shard_dir, or a
-    fid.reference file) is the user's to add, and `pixelgen run` validates the whole."""
+    here (the model keys, the objective, the sampler, the FID settings); what it is scored against (a
+    fid.reference file, or shards for fid.reference=train) is the user's to add, and `pixelgen run` validates the
+    whole."""
     from omegaconf import OmegaConf
 
     from pipeline.config import ExperimentConfig, _merge
     from pixelgen import families
     from pixelgen.eval.config import check_fid
-    from pixelgen.models.config import check_sampler
+    from pixelgen.models.config import check_objective, check_sampler
+    from pixelgen.models.official import PUBLISHED
 
     fixed = [o for o in overrides if o.split("=", 1)[0].strip().startswith(("model.", "fid.weights", "stages"))]
     if fixed:
         raise ConfigError(f"override {fixed[0]!r}: the model keys come from the checkpoint, fid.weights is OUT and "
                           f"the stages are [fid]; edit the written config if you need otherwise")
     data = {"name": f"{kind}-{out.stem}", "stages": ["fid"], "model": converted.model,
+            **PUBLISHED[kind](converted.model, resolution),
             "data": {"resolution": resolution, "num_classes": converted.model["num_classes"]},
             "fid": {"weights": str(out.resolve())}}
-    sampler = PUBLISHED_SAMPLERS.get(kind, {}).get(resolution)
-    if sampler:
-        data["sampler"] = sampler
+    if converted.objective:  # what the weights were trained to predict; the published settings may add more
+        data["objective"] = {**data.get("objective", {}), **converted.objective}
     source = f"the config written for {out}"
     cfg = _merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data), source)
     for item in overrides:
@@ -147,6 +167,7 @@ def run_config(kind: str, converted, resolution: int, out: Path, overrides: list
         families.check_model_config(OmegaConf.to_object(cfg.model), cfg.data.resolution)
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
+    check_objective(cfg.objective, fail)
     check_sampler(cfg.sampler, fail)
     check_fid(cfg.fid, fail)
     return cfg
@@ -172,12 +193,18 @@ def cmd_import(args) -> int:
     existing = [p for p in (out, config_path) if p.exists()]
     if existing and not args.force:
         raise ConfigError(f"{' and '.join(map(str, existing))} already exist: pick another OUT or pass --force")
-    state, where = read_checkpoint(args.checkpoint.expanduser(), args.weights, args.allow_pickle)
+    state, where, train_args = read_checkpoint(args.checkpoint.expanduser(), args.kind, args.weights,
+                                               args.allow_pickle)
+    hints = {"args": train_args, "context_start": args.context_start} if args.kind == "jit" else {}
     try:
-        converted = convert(args.kind, state)
+        converted = convert(args.kind, state, **hints)
     except CheckpointMismatch as err:
         raise ConfigError(f"checkpoint '{args.checkpoint}' ({where}): {err}") from None
-    cfg = run_config(args.kind, converted, args.resolution, out, args.overrides)
+    resolution = args.resolution or converted.resolution or 256
+    if converted.resolution and resolution != converted.resolution:
+        raise ConfigError(f"--resolution {resolution}: the checkpoint's weights are for {converted.resolution} px "
+                          f"images (its position table): leave --resolution out")
+    cfg = run_config(args.kind, converted, resolution, out, args.overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = families.build_generator(OmegaConf.to_object(cfg.model), cfg.data.resolution, pretrained=False)
     model.load_state_dict(converted.state, strict=True)
@@ -191,5 +218,6 @@ def cmd_import(args) -> int:
     for note in converted.notes:
         console.print(note)
     console.print(f"{count_params(model):,} parameters -> {out}\nrun config (FID only) -> {config_path}\n"
-                  f"next: pixelgen sample {out}   |   pixelgen run {config_path} data.shard_dir=... fid.reference=...")
+                  f"next: pixelgen sample {out}   |   pixelgen run {config_path} fid.reference=REFERENCE.npz "
+                  f"(or data.shard_dir=SHARDS for fid.reference=train)")
     return 0

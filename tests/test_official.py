@@ -8,6 +8,7 @@ stage load.
 """
 
 import argparse
+import fractions
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,7 @@ def test_import_writes_weights_that_sampling_and_the_fid_stage_load(official, tm
     assert cli.main(["import", "pixeldit", str(ckpt), str(out), "--resolution", "8", "sampler.steps=7"]) == 0
     assert "73,907 parameters" in capsys.readouterr().out
     meta = weights_metadata(out)
-    assert meta["stage"] == "import" and meta["source"]["weights"] == "ema_denoiser"
+    assert meta["stage"] == "import" and meta["source"]["weights"] == "state_dict/ema_denoiser"
     cfg = OmegaConf.load(out.with_suffix(".yaml"))
     assert list(cfg.stages) == ["fid"] and cfg.fid.weights == str(out.resolve()) and cfg.sampler.steps == 7
     assert meta["config"]["model"] == OmegaConf.to_container(cfg.model)
@@ -162,19 +163,19 @@ def test_import_writes_weights_that_sampling_and_the_fid_stage_load(official, tm
     assert "already exist" in capsys.readouterr().out
     assert cli.main(["import", "pixeldit", str(ckpt), str(out), "--resolution", "8", "--weights", "model",
                      "--force"]) == 0
-    assert weights_metadata(out)["source"]["weights"] == "denoiser"
+    assert weights_metadata(out)["source"]["weights"] == "state_dict/denoiser"
     assert all(v.abs().max() == 0 for v in load_file(str(out)).values())
 
 
 def test_import_published_sampler_and_refusals(official, tmp_path, capsys):
     state, _ = official
     ckpt = tmp_path / "pixeldit.ckpt"
-    _lightning_checkpoint(state, ckpt, extra={"hyper_parameters": argparse.Namespace(lr=1e-4)})
+    _lightning_checkpoint(state, ckpt, extra={"hyper_parameters": {"lr": fractions.Fraction(1, 10_000)}})
     out = tmp_path / "a.safetensors"
     # Pickled Python objects are refused unless asked for; nothing is written.
     assert cli.main(["import", "pixeldit", str(ckpt), str(out)]) == 2
     text = capsys.readouterr().out
-    assert "holds Python objects besides tensors, which loading it safely refuses (such as a argparse.Namespace)" in text
+    assert "holds Python objects besides tensors, which loading it safely refuses (such as a fractions.Fraction)" in text
     assert "--allow-pickle" in text and not out.exists()
     assert cli.main(["import", "pixeldit", str(ckpt), str(out), "--allow-pickle"]) == 0
     sampler = OmegaConf.load(out.with_suffix(".yaml")).sampler  # 256 px: the 320-epoch checkpoint's FID 1.61
@@ -197,3 +198,93 @@ def test_import_published_sampler_and_refusals(official, tmp_path, capsys):
     save_file(state, str(plain))
     assert cli.main(["import", "pixeldit", str(plain), str(tmp_path / "c.safetensors"), "--resolution", "8"]) == 0
     assert weights_metadata(tmp_path / "c.safetensors")["source"]["weights"] == "the model's state dict"
+
+
+# ------------------------------------------------------------------------------------------------------ JiT
+JIT_FIXTURE = ROOT / "tests" / "fixtures" / "jit_official" / "tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def official_jit():
+    data = load_file(str(JIT_FIXTURE))
+    return {k.removeprefix("official."): v for k, v in data.items() if k.startswith("official.")}, data
+
+
+def _jit_generator(converted):
+    from pixelgen.models.config import DecoderConfig, JiTConfig, ModelConfig, TrunkConfig
+
+    m = converted.model
+    trunk = TrunkConfig(**{**m["trunk"], "jit": JiTConfig(**m["trunk"]["jit"])})
+    model = families.build_generator(ModelConfig(trunk=trunk, decoder=DecoderConfig(**m["decoder"]),
+                                                 num_classes=m["num_classes"]), converted.resolution).eval()
+    model.load_state_dict(converted.state, strict=True)
+    return model
+
+
+def test_the_converted_jit_computes_the_official_forward_and_its_heun_sampler(official_jit):
+    """3 blocks, the 3 in-context class tokens joining before block 2 (so blocks run with and without them), the
+    null class in the batch; then JiT's own generate(): Heun, the last step Euler, x-prediction with the
+    (1 - t) clamp, noise scale 2, CFG 2.5 on (0.1, 1.0)."""
+    from pixelgen.diffusion import FlowMatching
+    from pixelgen.models.config import ObjectiveConfig
+
+    state, data = official_jit
+    converted = convert("jit", state, context_start=2)
+    assert converted.resolution == 8 and converted.objective == {"kind": "x_pred"}
+    assert converted.model["trunk"]["jit"] == {"bottleneck": 6, "context_tokens": 3, "context_start": 2, "dropout": 0.0}
+    model = _jit_generator(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(model(data["input.x"], data["input.t"], data["input.y"]), data["output"],
+                                   atol=2e-6, rtol=1e-5)
+        # The in-context tokens matter, and join where the official code puts them.
+        moved = _jit_generator(convert("jit", state, context_start=1))
+        assert (moved(data["input.x"], data["input.t"], data["input.y"]) - data["output"]).abs().max() > 1e-3
+    objective = FlowMatching(ObjectiveConfig(kind="x_pred", noise_scale=2.0, t_eps=0.05), 10, class_dropout=0.1)
+    cfg = SamplerConfig(kind="heun", steps=4, cfg_scale=2.5, cfg_interval=[0.1, 1.0])
+    x = sample(model, data["sample.y"], shape=(3, 8, 8), cfg=cfg, num_classes=10, noise=2.0 * data["sample.noise"],
+               objective=objective)
+    torch.testing.assert_close(x, data["sample.heun"].clamp(-1, 1), atol=2e-6, rtol=1e-5)
+
+
+def _jit_checkpoint(state, path: Path, model_name="JiT-tiny"):
+    """What main_jit.py saves: the Denoiser's state dict (the network under net.) and its two EMAs, with the
+    training arguments as an argparse.Namespace."""
+    def net(scale):  # the position table is a constant: every copy holds it as it is
+        return {f"net.{k}": v if k == "pos_embed" else v * scale for k, v in state.items()}
+
+    torch.save({"model": net(0.0), "model_ema1": net(1.0), "model_ema2": net(2.0), "epoch": 3,
+                "optimizer": {"state": {}}, "args": argparse.Namespace(model=model_name, img_size=8)}, path)
+    return path
+
+
+def test_import_jit_reads_its_training_checkpoint(official_jit, tmp_path, capsys):
+    state, data = official_jit
+    ckpt = _jit_checkpoint(state, tmp_path / "checkpoint-last.pth")
+    out = tmp_path / "jit.safetensors"
+    # A size the paper does not have, and the file does not name one: the block the tokens join is asked for.
+    assert cli.main(["import", "jit", str(ckpt), str(out)]) == 2
+    assert "give it (pixelgen import jit ... --context-start N)" in capsys.readouterr().out and not out.exists()
+    assert cli.main(["import", "jit", str(ckpt), str(out), "--resolution", "16", "--context-start", "2"]) == 2
+    assert "the checkpoint's weights are for 8 px images" in capsys.readouterr().out
+    assert cli.main(["import", "jit", str(ckpt), str(out), "--context-start", "2", "sampler.steps=4"]) == 0
+    capsys.readouterr()
+    meta = weights_metadata(out)
+    assert meta["source"]["weights"] == "model_ema1/net"
+    cfg = load_config(out.with_suffix(".yaml"), [f"data.shard_dir={tmp_path}"])
+    assert (cfg.data.resolution, cfg.objective.kind, cfg.objective.t_eps, cfg.sampler.kind, cfg.sampler.steps) == \
+        (8, "x_pred", 0.05, "heun", 4)
+    model = _load_generator(cfg, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(data["input.x"], data["input.t"], data["input.y"]), data["output"],
+                                   atol=2e-6, rtol=1e-5)
+    # A size the file's arguments name must be the size of its weights; the second EMA on request.
+    named = _jit_checkpoint(state, tmp_path / "b.pth", "JiT-B/16")
+    assert cli.main(["import", "jit", str(named), str(tmp_path / "b.safetensors")]) == 2
+    assert "training arguments name JiT-B/16 (12 blocks), its weights have 3" in capsys.readouterr().out
+    assert cli.main(["import", "jit", str(named), str(tmp_path / "b.safetensors"), "--weights", "ema2",
+                     "--context-start", "2"]) == 0
+    assert "JiT (JiT-B/16): 3 blocks" in capsys.readouterr().out
+    b = load_file(str(tmp_path / "b.safetensors"))
+    assert torch.equal(b["trunk.embed_out.bias"], 2.0 * state["x_embedder.proj2.bias"])
+    assert cli.main(["import", "jit", str(named), str(tmp_path / "c.safetensors"), "--weights", "ema3"]) == 2
+    assert "--weights ema3: a jit checkpoint holds ema | ema2 | model" in capsys.readouterr().out

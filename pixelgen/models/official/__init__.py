@@ -8,16 +8,21 @@ the shape found and the shape expected. `pixelgen import` (pipeline/importer.py)
 
 from __future__ import annotations
 
-from . import pixeldit
+from . import jit, pixeldit
 from .common import CheckpointMismatch, Converted, Tensor
 
-CONVERTERS = {"pixeldit": pixeldit.convert_pixeldit}
+CONVERTERS = {"pixeldit": pixeldit.convert_pixeldit, "jit": jit.convert_jit}
+# --weights choice -> (the entry of the checkpoint dict holding the state dict, the prefix of the model's keys)
+CHECKPOINTS = {"pixeldit": pixeldit.CHECKPOINT, "jit": jit.CHECKPOINT}
+# (model keys, resolution) -> the run config sections (sampler, objective) the paper reports its FID with
+PUBLISHED = {"pixeldit": pixeldit.published, "jit": jit.published}
 
 
-def convert(kind: str, state: dict[str, Tensor]) -> Converted:
+def convert(kind: str, state: dict[str, Tensor], **hints) -> Converted:
+    """`hints`: what a kind's weights do not hold, where the caller knows it (jit: args, context_start)."""
     if kind not in CONVERTERS:
         raise ValueError(f"unknown checkpoint kind {kind!r}: one of {', '.join(CONVERTERS)}")
-    return CONVERTERS[kind](state)
+    return CONVERTERS[kind](state, **hints)
 
 
-__all__ = ["CONVERTERS", "CheckpointMismatch", "Converted", "convert"]
+__all__ = ["CHECKPOINTS", "CONVERTERS", "PUBLISHED", "CheckpointMismatch", "Converted", "convert"]

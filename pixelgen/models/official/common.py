@@ -21,6 +21,7 @@ class Converted:
     model: dict  # the model.* keys of a run config that builds the generator these weights fit
     notes: list[str] = field(default_factory=list)  # what was read off the checkpoint, for the user
     objective: dict = field(default_factory=dict)  # objective.* keys the weights need (e.g. x-prediction)
+    resolution: int | None = None  # the image size, where the weights fix it (a learned or tabled grid)
 
 
 class Reader:

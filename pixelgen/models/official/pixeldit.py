@@ -17,6 +17,10 @@ import torch
 
 from .common import CheckpointMismatch, Converted, Reader, Tensor
 
+# Where the weights are in a checkpoint the official training (PyTorch Lightning) saves: its state_dict holds the
+# model under "denoiser." and its EMA (what the paper samples with) under "ema_denoiser.".
+CHECKPOINT = {"ema": ("state_dict", "ema_denoiser."), "model": ("state_dict", "denoiser.")}
+
 
 def rope_pair_order(head_dim: int) -> Tensor:
     """Channel index into the official head layout for each pixelgen channel: pixelgen's rotary pair p rotates
@@ -48,7 +52,7 @@ def _attention(read: Reader, src: str, dst: str, dim: int, head_dim: int, in_dim
             f"{dst}.proj.bias": read(f"{src}.proj.bias", (dim,))}
 
 
-def convert_pixeldit(state: dict[str, Tensor]) -> Converted:
+def convert_pixeldit(state: dict[str, Tensor], **_hints) -> Converted:
     read = Reader(state, "PixelDiT")
     what = "PixelDiT"
     embed = read("s_embedder.proj.weight")
@@ -130,7 +134,7 @@ def convert_pixeldit(state: dict[str, Tensor]) -> Converted:
         raise CheckpointMismatch(f"{what}: {len(unused)} tensors of the checkpoint have no place in the model "
                                  f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''}): a variant this "
                                  f"converter does not know (ProMoE experts?), or more than the model's state dict")
-    model = {"num_classes": num_classes,
+    model = {"num_classes": num_classes, "init": "published",  # were the config to train anew
              "trunk": {"kind": "pixeldit", "size": None, "patch_size": p, "dim": dim, "depth": depth,
                        "heads": dim // head_dim, "mlp_ratio": 4.0},
              "decoder": {"kind": "pit", "attention": "compact", "adaln": "pixel", "pixel_dim": pixel_dim,
@@ -140,3 +144,14 @@ def convert_pixeldit(state: dict[str, Tensor]) -> Converted:
     notes = [f"PixelDiT: {depth} patch blocks x {dim} ({dim // head_dim} heads), {pixel_depth} PiT blocks x "
              f"{pixel_dim} ({dim // pixel_head_dim} heads), patch {p}, {num_classes} classes"]
     return Converted(out, model, notes)
+
+
+def published(model: dict, resolution: int) -> dict:
+    """The run config sections the paper's best FID at `resolution` was sampled with (docs/models.md):
+    imagenet256_pixeldit_xl_epoch320.ckpt, FID 1.61 (the 80 and 160 epoch ones: cfg 3.25 on (0.1, 1.0));
+    imagenet512_pixeldit_xl.ckpt, FID 1.81."""
+    if resolution == 512:
+        return {"sampler": {"kind": "ab2", "steps": 100, "cfg_scale": 3.5, "cfg_interval": [0.1, 1.0], "time_shift": 2.0}}
+    if resolution == 256:
+        return {"sampler": {"kind": "ab2", "steps": 100, "cfg_scale": 2.75, "cfg_interval": [0.1, 0.9], "time_shift": 1.0}}
+    return {}
