@@ -202,10 +202,10 @@ def test_two_ranks_through_the_local_executor(tmp_path, fake_imagenet):
 
 
 def test_a_training_stage_resumes_on_another_rank_count(tmp_path, fake_imagenet):
-    """2 ranks -> 1 rank -> 2 ranks (launch.train_trunk.tasks, a resource: the run folder takes the change), each
-    change at a crash after a checkpoint: the stage trains to the end with one loss record per step, and the
-    checkpoints record the segments the shards' loader continued from (tests/test_loader.py checks that stream
-    against its definition; tests/test_engine.py the ZeRO and EMA states against an uninterrupted run)."""
+    """2 ranks -> 1 rank (launch.train_trunk.tasks, a resource: the run folder takes the change) at a crash after
+    a checkpoint: the stage trains to the end with one loss record per step, and the checkpoints record the
+    segments the shards' loader continued from. tests/test_loader.py checks that stream against its definition,
+    tests/test_engine.py the ZeRO and EMA states against an uninterrupted run, both ways (2 -> 1 -> 2 ranks)."""
     import torch
 
     run = tmp_path / "run"
@@ -215,17 +215,14 @@ def test_a_training_stage_resumes_on_another_rank_count(tmp_path, fake_imagenet)
     crash = {**os.environ, "PIXELGEN_FAULT": "step@3"}
     first = pixelgen("run", *args, "launch.train_trunk.tasks=2", *local, env=crash, check=False)
     assert first.returncode == 1 and (run / "train_trunk" / "checkpoints" / "step00000002" / "COMPLETE.json").is_file()
-    crash["PIXELGEN_FAULT"] = "step@5"
-    second = pixelgen("run", *args, "launch.train_trunk.tasks=1", *local, env=crash, check=False)
-    assert second.returncode == 1 and "from checkpoint step 2 (written by 2 ranks, resumed on 1)" in second.stdout
-    third = pixelgen("run", *args, "launch.train_trunk.tasks=2", *local)
-    assert "from checkpoint step 4 (written by 1 ranks, resumed on 2)" in third.stdout
+    second = pixelgen("run", *args, "launch.train_trunk.tasks=1", *local)
+    assert "from checkpoint step 2 (written by 2 ranks, resumed on 1)" in second.stdout
     assert (run / "train_trunk" / "DONE.json").is_file()
     records = [json.loads(x) for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     client = torch.load(run / "train_trunk" / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
                         weights_only=False)
-    assert client["data"]["segments"] == [[0, 2, 4], [2, 1, 8], [4, 2, 4]]  # (from batch, ranks, micro-batch)
+    assert client["data"]["segments"] == [[0, 2, 4], [2, 1, 8]]  # (from batch, ranks, micro-batch)
 
 
 def test_a_stage_already_running_is_refused(tmp_path, fake_imagenet):
