@@ -538,3 +538,67 @@ def test_the_attention_report_names_heads_the_fused_kernels_do_not_take():
     assert len(lines) == 1 and "4 heads of width 4" in lines[0] and "math kernel" in lines[0]
     assert "padded to 8 for flash attention (2.0x" in lines[0] and "decoder" in lines[0]
     assert attention_report(tiny_model(kind="pit", attention="pixel", attn_dim=32)) == []
+
+
+# ------------------------------------------------------------------- decoder.norm / activation / dct (DeCo's)
+# A seeded tiny generator's output (woken, H=16 x W=32) per decoder variant, computed before these keys existed:
+# (sum, sum of |out|, out[0, 0, 0, :3]). Their defaults must leave every decoder computing what it did.
+BEFORE_DECODER_OPTIONS = {
+    "pit": ({"kind": "pit"}, -447.7592425458133, 1254.1401665695012, [0.118209, -0.359092, 0.042877]),
+    "pit-pixel": ({"kind": "pit", "attention": "pixel", "attn_dim": 16}, -73.77666074596345, 1271.7139730416238,
+                  [-0.733302, -0.132494, -0.549108]),
+    "mlp": ({"kind": "mlp", "depth": 2}, -19.827576231211424, 1339.552950706333, [0.439988, 0.35972, -0.107198]),
+    "mlp-factored": ({"kind": "mlp", "adaln": "factored", "mlp_hidden": 8}, -41.03588395193219, 1240.767865728587,
+                     [0.202901, -0.495134, -1.019457]),
+    "mixer": ({"kind": "mixer"}, 44.83932556025684, 1745.2060863804072, [1.174421, 0.008759, -0.122105]),
+}
+
+
+@pytest.mark.parametrize("variant", list(BEFORE_DECODER_OPTIONS))
+def test_the_new_decoder_keys_default_to_what_every_decoder_computed_before(variant):
+    from pixelgen.models.decoder import dct_features
+
+    kw, total, total_abs, first = BEFORE_DECODER_OPTIONS[variant]
+    model = wake_zero_inits(tiny_model(**kw))
+    x, t, y = inputs(H=16, W=32)
+    with torch.no_grad():
+        out = model(x, t, y).double()
+    assert out.sum().item() == pytest.approx(total, rel=1e-6, abs=1e-4)
+    assert out.abs().sum().item() == pytest.approx(total_abs, rel=1e-6)
+    assert out[0, 0, 0, :3].tolist() == pytest.approx(first, abs=1e-5)
+    # The same modules as before: RMSNorms (the final one with its weight), exact-GELU MLPs, the DCT-II table.
+    dec = model.decoder
+    norms = [m for name, m in dec.named_modules() if name.split(".")[-1].startswith(("norm", "final_norm"))]
+    assert norms and all(type(m) is RMSNorm for m in norms)
+    assert all(m.act is torch.nn.functional.gelu for m in dec.modules() if type(m).__name__ == "MLP")
+    if kw["kind"] == "mlp":
+        assert torch.equal(dec.dct_PF, dct_features(4))
+
+
+def test_decoder_norm_and_activation_apply_to_every_block_kind():
+    from pixelgen.models.layers import LayerNorm
+
+    x, t, y = inputs()
+    for kind in ("pit", "mlp", "mixer"):
+        model = tiny_model(kind=kind, norm="layer", activation="silu")
+        assert torch.equal(model(x, t, y), torch.zeros_like(x)), kind  # still zero-initialised at the output
+        keys = model.decoder.state_dict()
+        assert "final_norm.weight" not in keys and any(k.endswith(("norm.bias", "norm1.bias")) for k in keys), kind  # DeCo's shape
+        assert all(type(m) is not RMSNorm for name, m in model.decoder.named_modules() if "norm" in name
+                   and ".attn." not in name), kind  # qk-norm stays RMS: it is attention's, not the block's
+        assert isinstance(model.decoder.final_norm, LayerNorm)
+        mlps = [m for m in model.decoder.modules() if type(m).__name__ == "MLP"]
+        assert mlps and all(m.act is torch.nn.functional.silu for m in mlps), kind
+
+
+@pytest.mark.parametrize("kw,key", [
+    ({"kind": "pit", "dct": "deco"}, "model.decoder.dct"),  # only the mlp decoder has in-patch position features
+    ({"kind": "mixer", "dct": "deco"}, "model.decoder.dct"),
+    ({"kind": "linear", "norm": "layer"}, "model.decoder.norm"),  # JiT's head has one norm of its own
+    ({"kind": "linear", "activation": "silu"}, "model.decoder.activation"),
+    ({"kind": "mlp", "norm": "batch"}, "model.decoder.norm"),
+    ({"kind": "mlp", "dct": "dst"}, "model.decoder.dct"),
+])
+def test_decoder_options_a_kind_does_not_take_are_refused_naming_the_key(kw, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_generator(tiny_cfg(**kw), resolution=32)

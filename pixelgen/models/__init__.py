@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .ar_generator import ARGenerator
 from .config import DecoderConfig, Init, ModelConfig, TrunkConfig
-from .decoder import ADALN, ATTENTION, KINDS, PatchLinearHead, PixelDecoder
+from .decoder import ACTIVATIONS, ADALN, ATTENTION, DCTS, KINDS, NORMS, PatchLinearHead, PixelDecoder
 from .generator import PixelGenerator, repa_projector
 from .teachers import TEACHERS
 from .trunk import PatchTrunk, TrunkOutput
@@ -62,10 +62,19 @@ def check_networks(model_cfg: ModelConfig, trunk: TrunkConfig, dec: DecoderConfi
     """The checks every family's networks share (patch grid, head widths, decoder choices); the family's own
     follow (pixelgen.families.check_model_config). `fail(key below model., value, why)` raises."""
     choices = {"decoder.kind": (dec.kind, DECODER_KINDS), "decoder.attention": (dec.attention, ATTENTION),
-               "decoder.adaln": (dec.adaln, ADALN), "init": (model_cfg.init, tuple(Init))}
+               "decoder.adaln": (dec.adaln, ADALN), "decoder.norm": (dec.norm, NORMS),
+               "decoder.activation": (dec.activation, ACTIVATIONS), "decoder.dct": (dec.dct, DCTS),
+               "init": (model_cfg.init, tuple(Init))}
     for key, (value, known) in choices.items():
         if value not in known:
             fail(key, value, f"must be one of {', '.join(known)}")
+    if dec.dct != "pixelgen" and dec.kind != "mlp":
+        fail("decoder.dct", dec.dct, f"the in-patch position features are the mlp decoder's; the {dec.kind} decoder "
+                                     f"has none: leave decoder.dct at pixelgen or set decoder.kind=mlp")
+    for key, default in (("norm", "rms"), ("activation", "gelu")):
+        if getattr(dec, key) != default and dec.kind not in KINDS:
+            fail(f"decoder.{key}", getattr(dec, key), f"the {dec.kind} decoder does not take it (only "
+                                                      f"{', '.join(KINDS)} do): leave decoder.{key} at {default}")
     p = trunk.patch_size
     if p <= 0 or resolution % p:
         fail("trunk.patch_size", p, f"must divide data.resolution={resolution} (e.g. {resolution // 8 or 1})")
@@ -102,6 +111,9 @@ def pixel_decoder(patch_size: int, trunk_cfg: TrunkConfig, dec_cfg: DecoderConfi
         attn_dim=attention_width(trunk_cfg, dec_cfg),
         mlp_hidden=dec_cfg.mlp_hidden or int(dec_cfg.mlp_ratio * dec_cfg.pixel_dim),
         adaln=dec_cfg.adaln,
+        norm=dec_cfg.norm,
+        activation=dec_cfg.activation,
+        dct=dec_cfg.dct,
         activation_checkpointing=dec_cfg.activation_checkpointing,
         init=init,
     )

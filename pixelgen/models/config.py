@@ -57,6 +57,21 @@ class AdaLNKind(StrEnum):
     factored = "factored"
 
 
+class NormKind(StrEnum):
+    rms = "rms"
+    layer = "layer"
+
+
+class ActivationKind(StrEnum):
+    gelu = "gelu"
+    silu = "silu"
+
+
+class DCTKind(StrEnum):
+    pixelgen = "pixelgen"
+    deco = "deco"
+
+
 class ObjectiveKind(StrEnum):
     flow_velocity = "flow_velocity"
     x_pred = "x_pred"
@@ -204,6 +219,14 @@ class DecoderConfig:
     # patch: one shift/scale/gate per patch, shared by its pixels
     # factored: one per-pixel condition embedding for the decoder, a small per-pixel AdaLN in each block (DeCo)
     adaln: AdaLNKind = AdaLNKind.pixel
+    # The decoder blocks' norms. rms: RMSNorm with a weight, the one before the output layer too | layer: LayerNorm
+    # with weight and bias in the blocks, and without either before the output layer (DeCo's)
+    norm: NormKind = NormKind.rms
+    activation: ActivationKind = ActivationKind.gelu  # of the decoder blocks' MLPs: exact GELU | silu (DeCo's)
+    # mlp only: the in-patch position features. pixelgen: the 2D DCT-II basis at pixel centres, min(p, 8)^2 of
+    # them | deco: DeCo's 64 for any patch size (frequencies linspace(0, 8, 8) over positions linspace(0, 1, p),
+    # damped by 1 / (1 + f_x f_y)), which its checkpoints were trained with
+    dct: DCTKind = DCTKind.pixelgen
     activation_checkpointing: bool = False  # recompute each block in backward (pixel activations are large)
     pixel_ar: PixelARConfig = field(default_factory=PixelARConfig)  # used by kind pixel_ar
 

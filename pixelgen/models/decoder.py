@@ -4,12 +4,14 @@ condition. One decoder class, three block kinds (the design space of the researc
 - pit: PixelDiT's PiT blocks. AdaLN, attention (`compact`: the p*p pixel tokens of a patch compressed to one
   token and attended across all patches, as published; `pixel`: attention among the pixels of each patch at
   its own width), then a per-pixel MLP.
-- mlp: attention-free per-pixel MLP blocks with in-patch DCT position features (DeCo-like).
+- mlp: attention-free per-pixel MLP blocks with in-patch DCT position features (DeCo-like; with norm layer,
+  activation silu, dct deco and adaln factored, DeCo's decoder exactly: pixelgen.models.official.deco).
 - mixer: MLP-mixer blocks: a token-mixing MLP across the pixels of a patch, then a per-pixel MLP.
 
 Pixel tokens stay grouped by patch as [N, P, D] (N = B*L patches in row-major order, P = p*p pixels), so
 per-pixel ops are plain Linears. Every kind zero-initialises its modulation and output layer, so the untrained
 decoder predicts exactly zero, and every kind can recompute its blocks in backward (activation checkpointing).
+The blocks' norms (`norm`) and MLP activation (`activation`) are one choice for every kind.
 """
 
 import math
@@ -19,12 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .config import AdaLNKind, AttentionKind, DecoderKind, Init
-from .layers import MLP, Attention, RMSNorm, init_linears, modulate, rope_2d, run_block, sincos_2d
+from .config import ActivationKind, AdaLNKind, AttentionKind, DCTKind, DecoderKind, Init, NormKind
+from .layers import MLP, Attention, RMSNorm, init_linears, make_norm, modulate, rope_2d, run_block, sincos_2d
 
 # PixelDecoder's; linear (PatchLinearHead) and pixel_ar are their own
 KINDS = tuple(k for k in DecoderKind if k not in (DecoderKind.pixel_ar, DecoderKind.linear))
 ATTENTION, ADALN = tuple(AttentionKind), tuple(AdaLNKind)
+NORMS, ACTIVATIONS, DCTS = tuple(NormKind), tuple(ActivationKind), tuple(DCTKind)
 
 
 class PixelAdaLN(nn.Module):
@@ -53,19 +56,20 @@ class PixelAdaLN(nn.Module):
 
 
 class PiTBlock(nn.Module):
-    def __init__(self, *, pixel_dim, pixels, attention, attn_dim, heads, mlp_hidden, adaln_mode, cond_dim):
+    def __init__(self, *, pixel_dim, pixels, attention, attn_dim, heads, mlp_hidden, adaln_mode, cond_dim, norm,
+                 activation):
         super().__init__()
         self.attention = attention
         self.adaLN = PixelAdaLN(adaln_mode, cond_dim=cond_dim, pixel_dim=pixel_dim, pixels=pixels, n=6)
-        self.norm1 = RMSNorm(pixel_dim)
+        self.norm1 = make_norm(norm, pixel_dim)
         if attention == "compact":
             self.compress = nn.Linear(pixels * pixel_dim, attn_dim)
             self.attn = Attention(attn_dim, heads)
             self.expand = nn.Linear(attn_dim, pixels * pixel_dim)
         else:
             self.attn = Attention(attn_dim, heads, io_dim=pixel_dim)
-        self.norm2 = RMSNorm(pixel_dim)
-        self.mlp = MLP(pixel_dim, mlp_hidden)
+        self.norm2 = make_norm(norm, pixel_dim)
+        self.mlp = MLP(pixel_dim, mlp_hidden, activation)
 
     def forward(self, x_NPD, cond, rope, batch: int):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)
@@ -82,11 +86,11 @@ class PiTBlock(nn.Module):
 class MLPBlock(nn.Module):
     """DeCo's ResBlock: AdaLN, a per-pixel MLP, a gated residual; no interaction between pixels."""
 
-    def __init__(self, *, pixel_dim, pixels, mlp_hidden, adaln_mode, cond_dim):
+    def __init__(self, *, pixel_dim, pixels, mlp_hidden, adaln_mode, cond_dim, norm, activation):
         super().__init__()
         self.adaLN = PixelAdaLN(adaln_mode, cond_dim=cond_dim, pixel_dim=pixel_dim, pixels=pixels, n=3)
-        self.norm = RMSNorm(pixel_dim)
-        self.mlp = MLP(pixel_dim, mlp_hidden)
+        self.norm = make_norm(norm, pixel_dim)
+        self.mlp = MLP(pixel_dim, mlp_hidden, activation)
 
     def forward(self, x_NPD, cond, rope, batch: int):
         shift, scale, gate = self.adaLN(cond)
@@ -97,13 +101,13 @@ class MixerBlock(nn.Module):
     """MLP-mixer over the pixels of a patch: the token MLP mixes pixels (per channel), the channel MLP mixes
     features (per pixel); both AdaLN-modulated and gated."""
 
-    def __init__(self, *, pixel_dim, pixels, mlp_hidden, token_hidden, adaln_mode, cond_dim):
+    def __init__(self, *, pixel_dim, pixels, mlp_hidden, token_hidden, adaln_mode, cond_dim, norm, activation):
         super().__init__()
         self.adaLN = PixelAdaLN(adaln_mode, cond_dim=cond_dim, pixel_dim=pixel_dim, pixels=pixels, n=6)
-        self.norm1 = RMSNorm(pixel_dim)
-        self.token_mlp = MLP(pixels, token_hidden)
-        self.norm2 = RMSNorm(pixel_dim)
-        self.mlp = MLP(pixel_dim, mlp_hidden)
+        self.norm1 = make_norm(norm, pixel_dim)
+        self.token_mlp = MLP(pixels, token_hidden, activation)
+        self.norm2 = make_norm(norm, pixel_dim)
+        self.mlp = MLP(pixel_dim, mlp_hidden, activation)
 
     def forward(self, x_NPD, cond, rope, batch: int):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(cond)
@@ -113,17 +117,32 @@ class MixerBlock(nn.Module):
 
 
 def dct_features(patch_size: int, max_freq: int = 8) -> torch.Tensor:
-    """[p*p, f*f] 2D DCT-II basis values at each pixel of a patch (f = min(p, max_freq)): DeCo's in-patch
-    position features, smooth at low frequency so neighbouring pixels get similar codes."""
+    """[p*p, f*f] 2D DCT-II basis values at each pixel of a patch (f = min(p, max_freq)): pixelgen's in-patch
+    position features after DeCo's idea, smooth at low frequency so neighbouring pixels get similar codes."""
     f = min(patch_size, max_freq)
     pos = torch.arange(patch_size, dtype=torch.float32)
     basis_PF = torch.cos(math.pi * (2 * pos[:, None] + 1) * torch.arange(f)[None] / (2 * patch_size))
     return rearrange(basis_PF[:, None, :, None] * basis_PF[None, :, None, :], "i j u v -> (i j) (u v)")
 
 
+def deco_features(patch_size: int, freqs: int = 8) -> torch.Tensor:
+    """[p*p, freqs^2] DeCo's in-patch position features, for its checkpoints: not a DCT basis (the frequencies
+    linspace(0, freqs, freqs) are not integers, the positions linspace(0, 1, p) include the patch's edges), and
+    damped by 1 / (1 + f_a f_b). Feature a * freqs + b of pixel (i, j) takes frequency f_a along the column
+    position x_j and f_b along the row position y_i, where dct_features puts the row first."""
+    f = torch.linspace(0, freqs, freqs)
+    cos_PF = torch.cos(torch.linspace(0, 1, patch_size)[:, None] * f[None] * math.pi)  # [position, frequency]
+    table_ijab = cos_PF[None, :, :, None] * cos_PF[:, None, None, :] / (1 + f[:, None] * f[None, :])
+    return rearrange(table_ijab, "i j a b -> (i j) (a b)")
+
+
+POSITION_FEATURES = {"pixelgen": dct_features, "deco": deco_features}
+
+
 class PixelDecoder(nn.Module):
     def __init__(self, *, kind: str, patch_size: int, cond_dim: int, pixel_dim: int, depth: int, heads: int,
-                 attention: str, attn_dim: int, mlp_hidden: int, adaln: str,
+                 attention: str, attn_dim: int, mlp_hidden: int, adaln: str, norm: str = NormKind.rms,
+                 activation: str = ActivationKind.gelu, dct: str = DCTKind.pixelgen,
                  activation_checkpointing: bool = False, init: Init = Init.pixelgen):
         super().__init__()
         self.kind, self.attention, self.adaln = kind, attention, adaln
@@ -133,13 +152,14 @@ class PixelDecoder(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         pixels = patch_size * patch_size
         if kind == "mlp":
-            self.register_buffer("dct_PF", dct_features(patch_size), persistent=False)
+            self.register_buffer("dct_PF", POSITION_FEATURES[dct](patch_size), persistent=False)
             self.pixel_embed = nn.Linear(3 + self.dct_PF.shape[1], pixel_dim)
         else:
             self.pixel_embed = nn.Linear(3, pixel_dim)  # plus a fixed 2D sin-cos over the whole image
         if adaln == "factored":
             self.cond_embed = nn.Linear(cond_dim, pixels * pixel_dim)
-        common = dict(pixel_dim=pixel_dim, pixels=pixels, mlp_hidden=mlp_hidden, adaln_mode=adaln, cond_dim=cond_dim)
+        common = dict(pixel_dim=pixel_dim, pixels=pixels, mlp_hidden=mlp_hidden, adaln_mode=adaln, cond_dim=cond_dim,
+                      norm=norm, activation=activation)
         if kind == "pit":
             blocks = [PiTBlock(attention=attention, attn_dim=attn_dim, heads=heads, **common) for _ in range(depth)]
         elif kind == "mlp":
@@ -148,7 +168,7 @@ class PixelDecoder(nn.Module):
             # The token MLP stays as wide as the patch (P -> P -> P); the width knobs act on the channel MLP.
             blocks = [MixerBlock(token_hidden=pixels, **common) for _ in range(depth)]
         self.blocks = nn.ModuleList(blocks)
-        self.final_norm = RMSNorm(pixel_dim)
+        self.final_norm = make_norm(norm, pixel_dim, before_output=True)
         self.final = nn.Linear(pixel_dim, 3)
         self.initialize_weights(init)
 

@@ -62,6 +62,33 @@ class RMSNorm(nn.Module):
         return (x_fp32 * self.weight.float()).type_as(x)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 like RMSNorm; `affine`: a learned weight and bias (the parameter names of
+    nn.LayerNorm's, so converted checkpoints map one to one)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if affine else None
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps=self.eps).type_as(x)
+
+
+def make_norm(kind: str, dim: int, *, before_output: bool = False) -> nn.Module:
+    """The norm of a decoder's blocks (`before_output`: the one before its output Linear). rms: RMSNorm with a
+    weight everywhere, as pixelgen's decoders always had (their checkpoints hold it). layer: DeCo's LayerNorm,
+    affine in the blocks and plain before the output, where the Linear after it can absorb any scale and shift."""
+    if kind == "rms":
+        return RMSNorm(dim)
+    if kind == "layer":
+        return LayerNorm(dim, affine=not before_output)
+    raise ValueError(f"unknown decoder norm {kind!r}: rms or layer (key 'model.decoder.norm')")
+
+
 # Position tables (RoPE cos/sin, 2D sin-cos, timestep frequencies) depend on shapes only, yet were rebuilt by
 # every forward, at every step of a sampler. They are memoised here, per arguments and device, rather than held as
 # buffers: DeepSpeed's bf16 mode casts a module's floating buffers to bf16, and RoPE is applied in fp32; the input
@@ -283,14 +310,18 @@ class SwiGLU(nn.Module):
         return F.dropout(self.w2(F.dropout(F.silu(self.w1(x)) * self.w3(x), p)), p)
 
 
+ACTIVATIONS: dict[str, Callable] = {"gelu": F.gelu, "silu": F.silu}  # exact GELU (DiT's is the tanh one)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 @_memoised
