@@ -25,13 +25,14 @@ EXAMPLES = """examples:
   pixelgen import pixeldit imagenet512_pixeldit_xl.ckpt weights/pixeldit_xl_512.safetensors --resolution 512
   pixelgen import pixeldit imagenet256_pixeldit_xl_epoch80.ckpt out.safetensors sampler.cfg_scale=3.25 sampler.cfg_interval=[0.1,1.0]
   pixelgen import jit jit-h-16/checkpoint-last.pth weights/jit_h16.safetensors
+  pixelgen import deco imagenet256_epoch800.ckpt weights/deco_xl_800.safetensors
 then:
   pixelgen sample weights/pixeldit_xl_320.safetensors --classes 207,360,387
   pixelgen run weights/pixeldit_xl_320.yaml fid.reference=/data/VIRTUAL_imagenet256_labeled.npz --cluster NAME
 """
 
 DESCRIPTION = ("Convert an official checkpoint (the model's own state dict, or the training checkpoint its code "
-               "saves: PixelDiT's Lightning file, JiT's checkpoint-*.pth) into pixelgen's generator weights, and "
+               "saves: PixelDiT's and DeCo's Lightning files, JiT's checkpoint-*.pth) into pixelgen's generator weights, and "
                "write beside them a run config that computes their FID with the published objective and sampler "
                "settings (docs/models.md lists them).")
 

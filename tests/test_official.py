@@ -288,3 +288,118 @@ def test_import_jit_reads_its_training_checkpoint(official_jit, tmp_path, capsys
     assert torch.equal(b["trunk.embed_out.bias"], 2.0 * state["x_embedder.proj2.bias"])
     assert cli.main(["import", "jit", str(named), str(tmp_path / "c.safetensors"), "--weights", "ema3"]) == 2
     assert "--weights ema3: a jit checkpoint holds ema | ema2 | model" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------- DeCo
+DECO_FIXTURE = ROOT / "tests" / "fixtures" / "deco_official" / "tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def official_deco():
+    data = load_file(str(DECO_FIXTURE))
+    return {k.removeprefix("official."): v for k, v in data.items() if k.startswith("official.")}, data
+
+
+def _deco_generator(converted, **decoder):
+    """The converted generator; `decoder` overrides model.decoder keys (to switch one of DeCo's options back)."""
+    from pixelgen.models.config import DecoderConfig, ModelConfig, RepaConfig, TrunkConfig
+
+    m = converted.model
+    cfg = ModelConfig(trunk=TrunkConfig(**m["trunk"]), decoder=DecoderConfig(**{**m["decoder"], **decoder}),
+                      num_classes=m["num_classes"], repa=RepaConfig(**m["repa"]))
+    return families.build_generator(cfg, 16).eval()
+
+
+def test_the_converted_deco_computes_the_official_forward(official_deco):
+    state, data = official_deco
+    converted = convert("deco", state)
+    assert converted.model["trunk"] == {"kind": "pixeldit", "size": None, "patch_size": 4, "dim": 32, "depth": 2,
+                                        "heads": 2, "mlp_ratio": 4.0}
+    assert converted.model["decoder"] == {"kind": "mlp", "adaln": "factored", "pixel_dim": 8, "depth": 2,
+                                          "mlp_hidden": 8, "norm": "layer", "activation": "silu", "dct": "deco"}
+    model = _deco_generator(converted)
+    model.load_state_dict(converted.state, strict=True)
+    x, t, y = data["input.x"], data["input.t"], data["input.y"]  # 4 x 6 patches; the second label is the null class
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), data["output"], atol=2e-6, rtol=1e-5)
+    # Each of DeCo's three decoder options matters: with it set back to pixelgen's the output is another one.
+    for key, value in (("norm", "rms"), ("activation", "gelu"), ("dct", "pixelgen")):
+        other = _deco_generator(converted, **{key: value})
+        weights = dict(converted.state)
+        if key == "norm":  # RMSNorm has no bias, and a weight before the output layer
+            weights = {k: v for k, v in weights.items() if not k.endswith("norm.bias")}
+            weights["decoder.final_norm.weight"] = torch.ones(8)
+        if key == "dct":  # 16 DCT-II features at patch 4 instead of DeCo's 64
+            weights["decoder.pixel_embed.weight"] = weights["decoder.pixel_embed.weight"][:, :3 + 16]
+        other.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            assert (other(x, t, y) - data["output"]).abs().max() > 1e-3, key
+
+
+def test_the_deco_position_table_is_the_official_one(official_deco):
+    """At DeCo-XL's patch 16, which the tiny model (patch 4) does not reach."""
+    from pixelgen.models.decoder import deco_features
+
+    _, data = official_deco
+    torch.testing.assert_close(deco_features(16), data["table.dct16"], atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 2.0])
+def test_the_euler_sampler_with_cfg_follows_the_official_deco_trajectory(official_deco, shift):
+    """EulerSampler, 5 steps, CFG 2.5 on t in (0.1, 0.9]: the first step is outside the interval (t = 0 at any
+    shift); at time shift 2 the steps are unequal."""
+    state, data = official_deco
+    converted = convert("deco", state)
+    model = _deco_generator(converted)
+    model.load_state_dict(converted.state, strict=True)
+    trajectory = data[f"sample.shift{shift:g}"]  # [steps + 1, B, C, H, W], noise first
+    cfg = SamplerConfig(kind="euler", steps=5, cfg_scale=2.5, cfg_interval=[0.1, 0.9], time_shift=shift)
+    for steps in (1, 2):
+        torch.testing.assert_close(_partial(model, data, cfg, steps), trajectory[steps], atol=2e-6, rtol=1e-5)
+    x = sample(model, data["sample.y"], shape=(3, 8, 8), cfg=cfg, num_classes=10, noise=data["sample.noise"])
+    torch.testing.assert_close(x, trajectory[5].clamp(-1, 1), atol=2e-6, rtol=1e-5)  # the official x is unclamped
+
+
+def test_import_deco_writes_weights_and_the_published_sampler(official_deco, tmp_path, capsys):
+    state, data = official_deco
+    ckpt = _lightning_checkpoint(state, tmp_path / "deco.ckpt")  # with a diffusion_trainer.* (REPA) entry
+    out = tmp_path / "deco.safetensors"
+    assert cli.main(["import", "deco", str(ckpt), str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "54,187 parameters" in text  # the official 54,259 less input_proj's 8 x 8 + 8, fused into the embedding
+    assert "DeCo: 2 trunk blocks x 32" in text
+    assert weights_metadata(out)["source"]["weights"] == "state_dict/ema_denoiser"
+    cfg = load_config(out.with_suffix(".yaml"), [f"data.shard_dir={tmp_path}"])
+    s = cfg.sampler  # 256 px: the 800-epoch checkpoint's FID 1.62
+    assert (s.kind, s.steps, s.cfg_scale, list(s.cfg_interval), s.time_shift) == ("euler", 100, 3.2, [0.1, 1.0], 1.0)
+    assert (cfg.model.decoder.norm, cfg.model.decoder.activation, cfg.model.decoder.dct) == ("layer", "silu", "deco")
+    model = _load_generator(cfg, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(data["input.x"], data["input.t"], data["input.y"]), data["output"],
+                                   atol=2e-6, rtol=1e-5)
+    big = tmp_path / "deco512.safetensors"
+    assert cli.main(["import", "deco", str(ckpt), str(big), "--resolution", "512"]) == 0
+    assert OmegaConf.load(big.with_suffix(".yaml")).sampler.cfg_scale == 5.0
+
+
+def test_a_deco_checkpoint_that_does_not_fit_is_named(official_deco, tmp_path, capsys):
+    state, _ = official_deco
+    missing = {k: v for k, v in state.items() if k != "dec_net.res_blocks.1.in_ln.bias"}
+    with pytest.raises(CheckpointMismatch, match=r"no tensor 'dec_net\.res_blocks\.1\.in_ln\.bias'"):
+        convert("deco", missing)
+    reshaped = {**state, "dec_net.cond_embed.weight": torch.zeros(64, 32)}
+    with pytest.raises(CheckpointMismatch, match=r"'dec_net\.cond_embed\.weight' has shape \(64, 32\), expected \(128, 32\)"):
+        convert("deco", reshaped)
+    freqs = {**state, "x_embedder.embedder.0.weight": torch.zeros(8, 3 + 16)}
+    with pytest.raises(CheckpointMismatch, match=r"'x_embedder\.embedder\.0\.weight' takes 3 \+ 16 inputs"):
+        convert("deco", freqs)
+    extra = {**state, "dec_net.final_layer.norm_final.weight": torch.ones(8)}
+    with pytest.raises(CheckpointMismatch, match=r"1 tensors .* no place in the model \(dec_net\.final_layer\.norm_final"):
+        convert("deco", extra)
+    # Another code base's checkpoint, through the command: refused naming the file, nothing written.
+    other = {k.removeprefix("official."): v for k, v in load_file(str(FIXTURE)).items() if k.startswith("official.")}
+    pixeldit = _lightning_checkpoint(other, tmp_path / "pixeldit.ckpt")
+    out = tmp_path / "x.safetensors"
+    assert cli.main(["import", "deco", str(pixeldit), str(out)]) == 2
+    text = capsys.readouterr().out.replace("\n", " ")
+    assert "pixeldit.ckpt" in text and "DeCo: 0 trunk blocks and 0 decoder ResBlocks" in text and not out.exists()

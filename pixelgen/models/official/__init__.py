@@ -8,14 +8,14 @@ the shape found and the shape expected. `pixelgen import` (pipeline/importer.py)
 
 from __future__ import annotations
 
-from . import jit, pixeldit
+from . import deco, jit, pixeldit
 from .common import CheckpointMismatch, Converted, Tensor
 
-CONVERTERS = {"pixeldit": pixeldit.convert_pixeldit, "jit": jit.convert_jit}
+CONVERTERS = {"pixeldit": pixeldit.convert_pixeldit, "jit": jit.convert_jit, "deco": deco.convert_deco}
 # --weights choice -> (the entry of the checkpoint dict holding the state dict, the prefix of the model's keys)
-CHECKPOINTS = {"pixeldit": pixeldit.CHECKPOINT, "jit": jit.CHECKPOINT}
+CHECKPOINTS = {"pixeldit": pixeldit.CHECKPOINT, "jit": jit.CHECKPOINT, "deco": deco.CHECKPOINT}
 # (model keys, resolution) -> the run config sections (sampler, objective) the paper reports its FID with
-PUBLISHED = {"pixeldit": pixeldit.published, "jit": jit.published}
+PUBLISHED = {"pixeldit": pixeldit.published, "jit": jit.published, "deco": deco.published}
 
 
 def convert(kind: str, state: dict[str, Tensor], **hints) -> Converted:

@@ -52,3 +52,28 @@ class Reader:
         return sorted(set(self.state) - self.used)
 
 
+def rope_pair_order(head_dim: int) -> Tensor:
+    """Channel index into the official head layout for each pixelgen channel: pixelgen's rotary pair p rotates
+    with the row at frequency p (p < head_dim/4) or with the column at frequency p - head_dim/4; the official
+    pair 2f rotates with the column and 2f + 1 with the row, both at frequency f."""
+    quarter = head_dim // 4
+    pairs = [2 * p + 1 if p < quarter else 2 * (p - quarter) for p in range(head_dim // 2)]
+    return torch.tensor([2 * q + c for q in pairs for c in (0, 1)])
+
+
+def _qkv(read: Reader, prefix: str, dim: int, head_dim: int, in_dim: int) -> Tensor:
+    w = read(f"{prefix}.qkv.weight", (3 * dim, in_dim)).view(3, dim // head_dim, head_dim, in_dim)
+    order = rope_pair_order(head_dim)
+    w[0], w[1] = w[0][:, order], w[1][:, order]  # q and k; v carries no position
+    return w.reshape(3 * dim, in_dim)
+
+
+def interleaved_rope_attention(read: Reader, src: str, dst: str, dim: int, head_dim: int, in_dim: int) -> dict[str, Tensor]:
+    """A PixNerd-lineage attention (PixelDiT, DeCo: qkv without bias, per-head qk-norm, `precompute_freqs_cis_2d`
+    RoPE) as pixelgen's Attention: the q and k rows and the qk-norm weights in pixelgen's pair order."""
+    order = rope_pair_order(head_dim)
+    return {f"{dst}.qkv.weight": _qkv(read, src, dim, head_dim, in_dim),
+            f"{dst}.q_norm.weight": read(f"{src}.q_norm.weight", (head_dim,))[order],
+            f"{dst}.k_norm.weight": read(f"{src}.k_norm.weight", (head_dim,))[order],
+            f"{dst}.proj.weight": read(f"{src}.proj.weight", (dim, dim)),
+            f"{dst}.proj.bias": read(f"{src}.proj.bias", (dim,))}

@@ -15,41 +15,16 @@ from __future__ import annotations
 
 import torch
 
-from .common import CheckpointMismatch, Converted, Reader, Tensor
+from .common import CheckpointMismatch, Converted, Reader, Tensor, interleaved_rope_attention
 
 # Where the weights are in a checkpoint the official training (PyTorch Lightning) saves: its state_dict holds the
 # model under "denoiser." and its EMA (what the paper samples with) under "ema_denoiser.".
 CHECKPOINT = {"ema": ("state_dict", "ema_denoiser."), "model": ("state_dict", "denoiser.")}
 
 
-def rope_pair_order(head_dim: int) -> Tensor:
-    """Channel index into the official head layout for each pixelgen channel: pixelgen's rotary pair p rotates
-    with the row at frequency p (p < head_dim/4) or with the column at frequency p - head_dim/4; the official
-    pair 2f rotates with the column and 2f + 1 with the row, both at frequency f."""
-    quarter = head_dim // 4
-    pairs = [2 * p + 1 if p < quarter else 2 * (p - quarter) for p in range(head_dim // 2)]
-    return torch.tensor([2 * q + c for q in pairs for c in (0, 1)])
-
-
 def sincos_channel_order(dim: int) -> Tensor:
     """Official pixel channel for each pixelgen channel: the row and column halves swap places."""
     return (torch.arange(dim) + dim // 2) % dim
-
-
-def _qkv(read: Reader, prefix: str, dim: int, head_dim: int, in_dim: int) -> Tensor:
-    w = read(f"{prefix}.qkv.weight", (3 * dim, in_dim)).view(3, dim // head_dim, head_dim, in_dim)
-    order = rope_pair_order(head_dim)
-    w[0], w[1] = w[0][:, order], w[1][:, order]  # q and k; v carries no position
-    return w.reshape(3 * dim, in_dim)
-
-
-def _attention(read: Reader, src: str, dst: str, dim: int, head_dim: int, in_dim: int) -> dict[str, Tensor]:
-    order = rope_pair_order(head_dim)
-    return {f"{dst}.qkv.weight": _qkv(read, src, dim, head_dim, in_dim),
-            f"{dst}.q_norm.weight": read(f"{src}.q_norm.weight", (head_dim,))[order],
-            f"{dst}.k_norm.weight": read(f"{src}.k_norm.weight", (head_dim,))[order],
-            f"{dst}.proj.weight": read(f"{src}.proj.weight", (dim, dim)),
-            f"{dst}.proj.bias": read(f"{src}.proj.bias", (dim,))}
 
 
 def convert_pixeldit(state: dict[str, Tensor], **_hints) -> Converted:
@@ -95,7 +70,7 @@ def convert_pixeldit(state: dict[str, Tensor], **_hints) -> Converted:
         src, dst = f"patch_blocks.{i}", f"trunk.semantic.blocks.{i}"
         out[f"{dst}.norm1.weight"] = read(f"{src}.norm1.weight", (dim,))
         out[f"{dst}.norm2.weight"] = read(f"{src}.norm2.weight", (dim,))
-        out.update(_attention(read, f"{src}.attn", f"{dst}.attn", dim, head_dim, dim))
+        out.update(interleaved_rope_attention(read, f"{src}.attn", f"{dst}.attn", dim, head_dim, dim))
         out[f"{dst}.mlp.w1.weight"] = read(f"{src}.mlp.w1.weight", (hidden, dim))
         out[f"{dst}.mlp.w3.weight"] = read(f"{src}.mlp.w3.weight", (hidden, dim))
         out[f"{dst}.mlp.w2.weight"] = read(f"{src}.mlp.w2.weight", (dim, hidden))
@@ -120,7 +95,7 @@ def convert_pixeldit(state: dict[str, Tensor], **_hints) -> Converted:
         expand = read(f"{src}.expand_from_attn.weight", (P * pixel_dim, dim)).view(P, pixel_dim, dim)
         out[f"{dst}.expand.weight"] = expand[:, ch].reshape(P * pixel_dim, dim)
         out[f"{dst}.expand.bias"] = read(f"{src}.expand_from_attn.bias", (P * pixel_dim,)).view(P, pixel_dim)[:, ch].reshape(-1)
-        out.update(_attention(read, f"{src}.attn", f"{dst}.attn", dim, pixel_head_dim, dim))
+        out.update(interleaved_rope_attention(read, f"{src}.attn", f"{dst}.attn", dim, pixel_head_dim, dim))
         out[f"{dst}.mlp.fc1.weight"] = read(f"{src}.mlp.fc1.weight", (mlp_hidden, pixel_dim))[:, ch]
         out[f"{dst}.mlp.fc1.bias"] = read(f"{src}.mlp.fc1.bias", (mlp_hidden,))
         out[f"{dst}.mlp.fc2.weight"] = read(f"{src}.mlp.fc2.weight", (pixel_dim, mlp_hidden))[ch]
