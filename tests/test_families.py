@@ -274,7 +274,8 @@ def test_each_stage_trains_what_its_family_says(name):
         assert set(parts) - {"loss"} <= set(family.plot_keys), (stage, set(parts) - set(family.plot_keys))
 
 
-@pytest.mark.parametrize("name", ["tiny_dual_ar_discrete", "tiny_ar_diffusion", "tiny_dual_ar_continuous"])
+@pytest.mark.parametrize("name", ["tiny_dual_ar_discrete", "tiny_ar_diffusion", "tiny_dual_ar_continuous",
+                                  "tiny_jit"])  # and JiT's blockless linear decoder
 def test_memory_estimate_of_the_ar_families(name):
     from pixelgen.models.memory import estimate_memory
 
