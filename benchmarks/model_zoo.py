@@ -5,9 +5,10 @@
 Everything is counted on fake tensors (torch's FakeTensorMode), so nothing is allocated and no GPU is needed:
 parameters and FLOPs are exact counts for the code as it is, memory is pixelgen.models.memory's estimate.
 FLOPs follow PixelDiT's tools/compute_flops.py: 2 per multiply-add, matmuls (Linear) and attention
-(Q K^T and A V) only, one image, one forward. Two tables:
+(Q K^T and A V) only, one image, one forward. Three tables:
   1. B, L, XL at 256 px, patch 16: parameters against the paper's, GFLOPs, memory per GPU;
-  2. the decoder's knobs on the XL trunk: decoder parameters, GFLOPs and activations per sample.
+  2. the JiT family (configs/jit_*.yaml) at 256 px, patch 16: the same, against the JiT paper's;
+  3. the decoder's knobs on the XL trunk: decoder parameters, GFLOPs and activations per sample.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pipeline.config import load_config
 
 from pixelgen.engine import flops
 from pixelgen.families import build_generator
@@ -33,6 +37,16 @@ PATCH = 16
 # PixelDiT paper (arXiv 2511.20645); see /work/shared/reference/models.md. GFLOPs known for XL only.
 PUBLISHED_PARAMS_M = {"B": 184, "L": 569, "XL": 797}
 PUBLISHED_GFLOPS = {"XL": 311}
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# The JiT family (Li & He, "Back to Basics: Let Denoising Generative Models Denoise"): (name, config, the paper's
+# parameters in millions, the paper's GFLOPs per forward at 256 px). JiT counts a multiply-add as one FLOP.
+JIT: list[tuple[str, str, int, int]] = [
+    ("JiT-B/16", "jit_b16.yaml", 131, 25),
+    ("JiT-L/16", "jit_l16.yaml", 459, 88),
+    ("JiT-H/16", "jit_h16.yaml", 953, 182),
+    ("JiT-G/16", "jit_g16.yaml", 2000, 383),
+]
 
 # Decoder knobs on the XL trunk, as DecoderConfig overrides of the XL decoder (pit, pixel dim 16, 4 blocks,
 # 16 heads, compact attention, pixel-wise AdaLN). Add a row here to measure another design.
@@ -48,6 +62,9 @@ DESIGNS: list[tuple[str, dict]] = [
     ("pit, attention pixel (width 64, 4 heads)", {"attention": "pixel", "heads": 4, "attn_dim": 64}),
     ("mlp, adaln factored (DeCo-like)", {"kind": "mlp", "adaln": "factored"}),
     ("mlp, pixel_dim 32, adaln factored", {"kind": "mlp", "pixel_dim": 32, "adaln": "factored"}),
+    ("DeCo-XL's (mlp, pixel_dim 32, 3 blocks, hidden 32, adaln factored, LayerNorm, SiLU, DeCo's DCT)",
+     {"kind": "mlp", "adaln": "factored", "pixel_dim": 32, "depth": 3, "mlp_hidden": 32, "norm": "layer",
+      "activation": "silu", "dct": "deco"}),
     ("mlp, adaln pixel", {"kind": "mlp"}),
     ("mixer, adaln pixel", {"kind": "mixer"}),
     ("mixer, adaln factored", {"kind": "mixer", "adaln": "factored"}),
@@ -128,6 +145,45 @@ def sizes_table(sizes: list[str], batch: int, gpus: int, zero_stage: int) -> tup
     return rows, gaps
 
 
+def jit_config(name: str) -> tuple[ModelConfig, int]:
+    """The model section of configs/NAME as a ModelConfig, and how many EMAs its trunk stage keeps."""
+    cfg = load_config(CONFIGS / name, ["data.imagenet_dir=/x", "data.shard_dir=/x"])  # paths only validated
+    return OmegaConf.to_object(cfg.model), len(cfg.train_trunk.ema_decays)
+
+
+def jit_table(batch: int, gpus: int, zero_stage: int) -> tuple[list[str], list[str], set[int]]:
+    """(markdown rows, phrases comparing with the JiT paper, the EMA counts of the configs)."""
+    rows = [
+        "| model | trunk | decoder | total | paper | diff | GFLOPs trunk | GFLOPs decoder | GFLOPs total "
+        "| JiT's GFLOPs | ratio | model states, joint | joint, no ckpt | joint, ckpt |",
+        "|---|" + "---:|" * 13,
+    ]
+    gaps, ema_counts = [], set()
+    for name, path, paper, paper_flops in JIT:
+        cfg, emas = jit_config(path)
+        ema_counts.add(emas)
+        c = count(cfg, RESOLUTION)
+        joint = estimate_memory(cfg, RESOLUTION, batch_size=batch, world_size=gpus, zero_stage=zero_stage,
+                                precision="bf16", emas=emas)
+        diff = f"{100 * (c.params['total'] / (paper * 1e6) - 1):+.2f}%"
+        ratio = c.flops["total"] / (paper_flops * 1e9)
+        gaps.append(f"{name} {c.params['total'] / 1e6:.1f}M vs {_paper_m(paper)} ({diff}), "
+                    f"{c.flops['total'] / 1e9:.1f} GFLOPs = {ratio:.2f} x JiT's {paper_flops}")
+        memory_cols = [_gib(joint.model_state_bytes + batch * a)
+                       for a in (joint.activations_per_sample, joint.activations_per_sample_checkpointed)]
+        states = f"{_gib(joint.model_state_bytes)} (EMA {joint.ema_bytes / GiB:.1f})"
+        rows.append(
+            f"| {name} | {_m(c.params['trunk'])} | {_m(c.params['decoder'])} | {_m(c.params['total'])} "
+            f"| {_paper_m(paper)} | {diff} | {_g(c.flops['trunk'])} | {_g(c.flops['decoder'])} "
+            f"| {_g(c.flops['total'])} | {paper_flops} | {ratio:.2f} | {states} | " + " | ".join(memory_cols) + " |"
+        )
+    return rows, gaps, ema_counts
+
+
+def _paper_m(millions: int) -> str:
+    return f"{millions // 1000}B" if millions % 1000 == 0 else f"{millions}M"
+
+
 def designs_table(batch: int) -> list[str]:
     rows = [
         "| decoder | params | GFLOPs | activations / sample, no ckpt | activations / sample, ckpt |",
@@ -141,6 +197,11 @@ def designs_table(batch: int) -> list[str]:
         rows.append(f"| {label} | {_m(c.params['decoder'])} | {_g(c.flops['decoder'])} "
                     f"| {_mib(est.activations_per_sample)} | {_mib(est.activations_per_sample_checkpointed)} |")
     return rows
+
+
+def _emas(counts: set[int]) -> str:
+    words = {1: "one fp32 EMA", 2: "two fp32 EMAs", 3: "three fp32 EMAs"}
+    return " or ".join(words.get(n, f"{n} fp32 EMAs") for n in sorted(counts))
 
 
 def _m(n: int) -> str:
@@ -162,6 +223,7 @@ def _mib(n: int) -> str:
 def report(sizes: list[str], batch: int, gpus: int, zero_stage: int, command: str) -> str:
     t0 = time.time()
     table1, gaps = sizes_table(sizes, batch, gpus, zero_stage)
+    table_jit, jit_gaps, jit_emas = jit_table(batch, gpus, zero_stage)
     table2 = designs_table(batch)
     seconds = time.time() - t0
     return "\n".join([
@@ -187,6 +249,20 @@ def report(sizes: list[str], batch: int, gpus: int, zero_stage: int, command: st
         "optimizer states and one fp32 EMA (sharded over the GPUs like the fp32 masters it averages), before activations.",
         "",
         *table1,
+        "",
+        f"### JiT at {RESOLUTION} px, patch 16",
+        "",
+        "The JiT family as configured in `configs/jit_{b,l,h,g}16.yaml` (trunk kind jit, decoder kind linear: "
+        "JiT's output layer, the *decoder* column). GFLOPs are counted as in the tables above (2 per multiply-add, matmuls and "
+        "attention only); JiT's paper counts a multiply-add as one FLOP, so *ratio* (ours / JiT's) should be "
+        "about 2. The paper's parameters are rounded (G's \"2B\" most of all). Memory per GPU in GiB as for the "
+        f"named sizes (bf16, ZeRO-{zero_stage} over {gpus} GPUs, batch {batch} per GPU, not the configs' 1024 "
+        "over the cluster); JiT trains end to end, so only the *joint* columns apply, and *model states* hold "
+        f"{_emas(jit_emas)} (the configs' `ema_decays`). The activations are traced with the flow-matching loss "
+        "of the other tables; JiT's x-prediction v-loss adds a few image-sized fp32 tensors (under 1 MiB each "
+        f"per sample) to that. Against the paper: {'; '.join(jit_gaps)}.",
+        "",
+        *table_jit,
         "",
         "### Decoder design space on the XL trunk",
         "",
