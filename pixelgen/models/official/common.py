@@ -77,3 +77,28 @@ def interleaved_rope_attention(read: Reader, src: str, dst: str, dim: int, head_
             f"{dst}.k_norm.weight": read(f"{src}.k_norm.weight", (head_dim,))[order],
             f"{dst}.proj.weight": read(f"{src}.proj.weight", (dim, dim)),
             f"{dst}.proj.bias": read(f"{src}.proj.bias", (dim,))}
+
+
+def pixnerd_trunk(read: Reader, blocks: str, *, dim: int, depth: int, head_dim: int,
+                  num_classes: int) -> dict[str, Tensor]:
+    """The PixNerd-lineage trunk (PixelDiT's patch blocks, DeCo's blocks: s/t/y embedders, then RMSNorm, the
+    interleaved-RoPE attention, SwiGLU at mlp_ratio 4 and a bare 6-way adaLN per block, named `blocks`.i) as
+    pixelgen's PatchTrunk."""
+    hidden = int(2 * 4.0 * dim / 3)  # SwiGLU at mlp_ratio 4, as the official FeedForward(dim, 4 * dim)
+    out = {"trunk.patch_embed.weight": read("s_embedder.proj.weight"),
+           "trunk.patch_embed.bias": read("s_embedder.proj.bias", (dim,)),
+           "trunk.semantic.y_embed.table.weight": read("y_embedder.embedding_table.weight", (num_classes + 1, dim))}
+    for i in (0, 2):
+        out[f"trunk.semantic.t_embed.mlp.{i}.weight"] = read(f"t_embedder.mlp.{i}.weight", (dim, 256 if i == 0 else dim))
+        out[f"trunk.semantic.t_embed.mlp.{i}.bias"] = read(f"t_embedder.mlp.{i}.bias", (dim,))
+    for i in range(depth):
+        src, dst = f"{blocks}.{i}", f"trunk.semantic.blocks.{i}"
+        out[f"{dst}.norm1.weight"] = read(f"{src}.norm1.weight", (dim,))
+        out[f"{dst}.norm2.weight"] = read(f"{src}.norm2.weight", (dim,))
+        out.update(interleaved_rope_attention(read, f"{src}.attn", f"{dst}.attn", dim, head_dim, dim))
+        out[f"{dst}.mlp.w1.weight"] = read(f"{src}.mlp.w1.weight", (hidden, dim))
+        out[f"{dst}.mlp.w3.weight"] = read(f"{src}.mlp.w3.weight", (hidden, dim))
+        out[f"{dst}.mlp.w2.weight"] = read(f"{src}.mlp.w2.weight", (dim, hidden))
+        out[f"{dst}.adaLN.weight"] = read(f"{src}.adaLN_modulation.0.weight", (6 * dim, dim))
+        out[f"{dst}.adaLN.bias"] = read(f"{src}.adaLN_modulation.0.bias", (6 * dim,))
+    return out

@@ -15,7 +15,7 @@ The training checkpoint's `diffusion_trainer.*` (REPA's projector) lies outside 
 
 from __future__ import annotations
 
-from .common import CheckpointMismatch, Converted, Reader, Tensor, interleaved_rope_attention
+from .common import CheckpointMismatch, Converted, Reader, Tensor, pixnerd_trunk
 
 # Where the weights are in a checkpoint the official training (PyTorch Lightning) saves: its state_dict holds the
 # model under "denoiser." and its EMA (what the paper samples with) under "ema_denoiser.", as PixelDiT's.
@@ -44,26 +44,7 @@ def convert_deco(state: dict[str, Tensor], **_hints) -> Converted:
     pixel_dim = read("dec_net.input_proj.weight").shape[0]
     num_classes = read("y_embedder.embedding_table.weight").shape[0] - 1
     P = p * p
-    hidden = int(2 * 4.0 * dim / 3)  # SwiGLU at mlp_ratio 4, as the official FeedForward(dim, 4 * dim)
-
-    out: dict[str, Tensor] = {
-        "trunk.patch_embed.weight": embed.float().clone(),
-        "trunk.patch_embed.bias": read("s_embedder.proj.bias", (dim,)),
-        "trunk.semantic.y_embed.table.weight": read("y_embedder.embedding_table.weight", (num_classes + 1, dim)),
-    }
-    for i in (0, 2):
-        out[f"trunk.semantic.t_embed.mlp.{i}.weight"] = read(f"t_embedder.mlp.{i}.weight", (dim, 256 if i == 0 else dim))
-        out[f"trunk.semantic.t_embed.mlp.{i}.bias"] = read(f"t_embedder.mlp.{i}.bias", (dim,))
-    for i in range(depth):
-        src, dst = f"blocks.{i}", f"trunk.semantic.blocks.{i}"
-        out[f"{dst}.norm1.weight"] = read(f"{src}.norm1.weight", (dim,))
-        out[f"{dst}.norm2.weight"] = read(f"{src}.norm2.weight", (dim,))
-        out.update(interleaved_rope_attention(read, f"{src}.attn", f"{dst}.attn", dim, head_dim, dim))
-        out[f"{dst}.mlp.w1.weight"] = read(f"{src}.mlp.w1.weight", (hidden, dim))
-        out[f"{dst}.mlp.w3.weight"] = read(f"{src}.mlp.w3.weight", (hidden, dim))
-        out[f"{dst}.mlp.w2.weight"] = read(f"{src}.mlp.w2.weight", (dim, hidden))
-        out[f"{dst}.adaLN.weight"] = read(f"{src}.adaLN_modulation.0.weight", (6 * dim, dim))
-        out[f"{dst}.adaLN.bias"] = read(f"{src}.adaLN_modulation.0.bias", (6 * dim,))
+    out = pixnerd_trunk(read, "blocks", dim=dim, depth=depth, head_dim=head_dim, num_classes=num_classes)
 
     features = read("x_embedder.embedder.0.weight").shape[1] - 3
     if features != FREQS * FREQS:
