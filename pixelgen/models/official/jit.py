@@ -25,6 +25,9 @@ SIZES = {"B": 12, "L": 24, "H": 32, "G": 40}  # depth of each size args.model ma
 DROPOUT = {32: 0.2, 40: 0.2}  # H and G drop out in the middle half of their blocks
 
 
+# One function, read top to bottom as the official state dict is laid out (embedding, blocks, output layer): split
+# into pieces it would pass the same dozen shapes around; the PixNerd-lineage parts shared with PixelDiT and DeCo
+# are in common.py.
 def convert_jit(state: dict[str, Tensor], args: dict | None = None, context_start: int | None = None) -> Converted:
     read, what = Reader(state, "JiT"), "JiT"
     proj1 = read("x_embedder.proj1.weight")
