@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pixelgen.engine.dist import first_host, launcher_env
+from pixelgen.engine.dist import collective_timeout_s, first_host, launcher_env
 from tests.conftest import ROOT
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -245,3 +245,56 @@ def test_multi_rank_processes_destroy_their_process_groups_and_exit_cleanly():
             continue  # the port was taken between choosing and binding it
         for code, out in results:
             assert code == 0 and out.rstrip().endswith("process groups left at exit: False"), (job, code, out[-2000:])
+
+
+_STALL_SCRIPT = """
+import json, os, sys, time, torch
+from pixelgen.engine.dist import init_distributed, peer_lost
+info = init_distributed()
+torch.distributed.all_reduce(torch.ones(1))  # both ranks met
+if info.rank == 1:
+    print("stalled", flush=True)
+    time.sleep(300)  # alive but silent: a rank on a node whose link is gone
+start = time.time()
+try:
+    torch.distributed.all_reduce(torch.ones(1))
+    print(json.dumps({"error": None}), flush=True)
+except Exception as err:
+    print(json.dumps({"error": peer_lost(err, info.rank), "waited": time.time() - start}), flush=True)
+"""
+
+
+def test_a_rank_whose_peer_stops_answering_gives_up_after_the_collective_timeout():
+    """No TCP reset, no exit: the peer just never answers. Rank 0 waits PIXELGEN_COLLECTIVE_TIMEOUT_S, not
+    torch's 30 min, and the error says what happened and what to do; then the process ends (its own shutdown
+    does not wait for the silent peer either)."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCH_VARS and not k.startswith(("SLURM_", "SUBMITIT_"))}
+    for _ in range(3):
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, "-c", _STALL_SCRIPT], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+                                       "PIXELGEN_COLLECTIVE_TIMEOUT_S": "3", "DS_ACCELERATOR": "cpu"})
+                 for r in (0, 1)]
+        try:
+            out = procs[0].communicate(timeout=120)[0]
+            assert procs[1].poll() is None  # rank 0 ended while its peer was still there, silent
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+        if "EADDRINUSE" not in out:  # the port was taken between choosing and binding it
+            break
+    assert procs[0].returncode == 0, out[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert 3 <= result["waited"] < 15, result
+    assert result["error"].startswith("rank 0: a collective timed out: a peer rank stopped answering"), result
+    assert "PIXELGEN_COLLECTIVE_TIMEOUT_S=3 s" in result["error"] and "pixelgen resume" in result["error"]
+
+
+def test_the_collective_timeout_must_be_whole_seconds():
+    assert collective_timeout_s({}) == 600 and collective_timeout_s({"PIXELGEN_COLLECTIVE_TIMEOUT_S": "45"}) == 45
+    for bad in ("0", "1.5", "ten"):
+        with pytest.raises(RuntimeError, match=f"PIXELGEN_COLLECTIVE_TIMEOUT_S='{bad}': must be a whole number"):
+            collective_timeout_s({"PIXELGEN_COLLECTIVE_TIMEOUT_S": bad})

@@ -12,6 +12,13 @@ Understood launchers, in order of precedence (`launcher_env`):
 
 CUDA_VISIBLE_DEVICES is never touched: DeepSpeed picks each rank's device from LOCAL_RANK.
 
+A rank waits at most `collective_timeout_s()` seconds (PIXELGEN_COLLECTIVE_TIMEOUT_S, default 600; a cluster
+profile's `collective_timeout_s` sets it for its jobs) in one collective for its peers: a peer on a node that
+vanished never answers, and without a bound gloo and NCCL wait for torch's default of 30 min. Then it raises
+(gloo) or NCCL's watchdog ends the process, the stage fails, and the run resumes from its last complete
+checkpoint. On a cluster, keep it above SLURM's SlurmdTimeout, so that SLURM first marks the node DOWN and
+requeues the job (NODE_FAIL) instead of the job failing on its own.
+
 A process that initialised torch.distributed here destroys its process groups before the interpreter starts
 to finalise (`shutdown`, registered with atexit): otherwise gloo's worker threads can still hold work objects
 while Python tears down, and the process aborts after its last line ("terminate called without an active
@@ -27,12 +34,26 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
 from pixelgen.engine import faults
 
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_ENV = "PIXELGEN_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600
+
+
+def collective_timeout_s(environ: Mapping[str, str] = os.environ) -> int:
+    """How long a rank waits for its peers in one collective (see the module's doc), from TIMEOUT_ENV."""
+    value = environ.get(TIMEOUT_ENV, "")
+    if value == "":
+        return DEFAULT_TIMEOUT_S
+    if not value.isdigit() or int(value) < 1:
+        raise RuntimeError(f"{TIMEOUT_ENV}={value!r}: must be a whole number of seconds >= 1 (how long a rank "
+                           "waits for its peers in one collective)")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -158,7 +179,8 @@ def init_distributed() -> DistInfo:
         else:
             os.environ[name] = env[name]
     if not initialised:
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                                   timeout=timedelta(seconds=collective_timeout_s()))
         # atexit runs handlers last-registered first: anything registered after this point (wandb's own
         # teardown, for one) ends before the process groups go.
         atexit.register(shutdown)
@@ -170,6 +192,23 @@ def init_distributed() -> DistInfo:
     if on_gpu:
         torch.cuda.set_device(device)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+_PEER_GONE = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Watchdog caught collective operation timeout")
+
+
+def peer_lost(err: BaseException, rank: int) -> str | None:
+    """What to tell the user when `err` is a collective that failed because a peer rank stopped answering or
+    vanished (gloo's timeout, a connection its peer's end closed; NCCL's watchdog), else None."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not any(s in text for s in _PEER_GONE):
+        return None
+    why = "timed out" if "imed out" in text or "timeout" in text else "lost its connection"
+    return (f"rank {rank}: a collective {why}: a peer rank stopped answering (its node may be lost, or it "
+            f"crashed; the wait is bounded by {TIMEOUT_ENV}={collective_timeout_s()} s). Nothing after the last "
+            f"complete checkpoint is kept; resume the run from it (`pixelgen resume RUN_DIR`; a SLURM job "
+            f"requeued after a node failure does so by itself). The backend said: {text.strip().splitlines()[0]}")
 
 
 def _share_cores() -> None:

@@ -25,7 +25,7 @@ from pixelgen.data import to_float
 from pixelgen.engine import faults, flops, preemption
 from pixelgen.engine.checkpoint import CheckpointManager, rank_file, tag_for
 from pixelgen.engine.config import LoggingConfig, TrainConfig
-from pixelgen.engine.dist import DistInfo, init_distributed
+from pixelgen.engine.dist import DistInfo, init_distributed, peer_lost
 from pixelgen.engine.ema import EMA
 from pixelgen.engine.export import export_milestone, export_weights
 from pixelgen.engine.logger import MetricsLogger, console
@@ -474,8 +474,11 @@ def run_training(task: TrainTask, cfg: TrainConfig, out_dir: Path, *, logging: L
                     _save(run, step)
                 preempted = True
                 break
-    except BaseException:
+    except BaseException as err:
         run.log.close()
+        lost = peer_lost(err, run.dist.rank)
+        if lost:
+            raise RuntimeError(lost) from err
         raise
     finally:
         run.flag.restore()
