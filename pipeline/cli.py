@@ -296,7 +296,7 @@ def _status_view(run_dir: Path, cfg):
 
     rows = cluster.stage_states(run_dir, cfg)
     table = Table(title=f"{cfg.name}: {run_dir}")
-    for col in ("stage", "state", "job", "elapsed", "checkpoint"):
+    for col in ("stage", "state", "job", "nodes", "elapsed", "checkpoint"):
         table.add_column(col, no_wrap=True)
     table.add_column("detail", overflow="fold")
     for row in rows:
@@ -308,8 +308,8 @@ def _status_view(run_dir: Path, cfg):
         elif m and stage.startswith("train"):
             detail = f"loss {m.get('final_loss', float('nan')):.4f}"
         style = _STATE_STYLE.get(row["state"], "white")
-        cells = [stage, f"[{style}]{row['state']}[/{style}]", row["job_id"] or "-", row["elapsed"],
-                 str(ckpt[0]) if ckpt else "-", detail]
+        cells = [stage, f"[{style}]{row['state']}[/{style}]", row["job_id"] or "-", row["nodes"] or "-",
+                 row["elapsed"], str(ckpt[0]) if ckpt else "-", detail]
         table.add_row(*cells)
     lines = []
     for row in rows:  # full paths below the table, to copy

@@ -196,14 +196,15 @@ def _stages(run_dir: Path, cfg) -> str:
     for row in cluster.stage_states(run_dir, cfg):
         stage, m = row["stage"], row["marker"]
         state = _Html(f"<span class=\"state s-{row['state'].replace(' ', '-')}\">{_e(row['state'])}</span>")
-        rows.append([stage, state, row["job_id"] or "-", row["elapsed"] or "-", row["runs"] or "-",
+        rows.append([stage, state, row["job_id"] or "-", row["nodes"] or "-", row["elapsed"] or "-", row["runs"] or "-",
                      row["restarts"] or "-", _checkpoint(run_dir, stage), _result(stage, m) or row["detail"]])
         if m is not None:
             shown = {k: _Num(_metric(v)) if k in dict(METRICS) and _is_num(v) else _inside(run_dir, cfg, v)
                      for k, v in _flat(m).items()}
             summaries.append(f"<div><h3>{_e(stage)}</h3>{_kv(shown, mono=True, skip=('stage',))}</div>")
     parts = ["<h2>Stages</h2>",
-             _table(("stage", "state", "job", "elapsed", "runs", "requeues", "checkpoint", "result / detail"), rows)]
+             _table(("stage", "state", "job", "nodes", "elapsed", "runs", "requeues", "checkpoint", "result / detail"),
+                    rows)]
     if summaries:
         parts.append("<details open><summary>each finished stage's DONE.json</summary><div class=\"cards summaries\">"
                      + "".join(summaries) + "</div></details>")

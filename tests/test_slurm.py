@@ -1,5 +1,6 @@
-"""The chain on a real SLURM cluster: the one-node cluster of slurm/local/ (Debian's slurmctld, slurmd and
-munge), started by the tests when it is not running. Jobs are real sbatch jobs through submitit; srun starts
+"""The chain on a real SLURM cluster: the test cluster of slurm/local/ (Debian's slurmctld, slurmd and munge):
+this machine's own node, plus two namespace nodes with their own addresses and host names (`up --nodes 2`),
+started by the tests when it is not running. Jobs are real sbatch jobs through submitit; srun starts
 the ranks; preemption is a real USR2 from scancel and a real `scontrol requeue`.
 
 Where the local cluster cannot run (not root, no apt-get), the live tests skip with the reason; with CI or
@@ -31,8 +32,8 @@ from tests.conftest import ROOT, TINY, chain_args, pixelgen
 SECRET = "pixelgen-test-secret-3f9c1a"  # a WANDB_API_KEY value that must never land on disk
 
 
-def _profile(tmp_path: Path, **changes) -> Path:
-    data = OmegaConf.to_container(OmegaConf.load(ROOT / "slurm" / "local.yaml"))
+def _profile(tmp_path: Path, base: str = "local", **changes) -> Path:
+    data = OmegaConf.to_container(OmegaConf.load(ROOT / "slurm" / f"{base}.yaml"))
     for key, value in changes.items():
         node = data
         *parents, last = key.split(".")
@@ -57,6 +58,9 @@ def test_every_shipped_profile_loads():
 def test_profile_errors_name_the_file_and_key(tmp_path):
     bad = _profile(tmp_path, partitoin="debug")
     with pytest.raises(ConfigError, match=rf"{bad}: unknown key 'partitoin'"):
+        cluster.load_profile(str(bad))
+    bad = _profile(tmp_path, collective_timeout_s=5)
+    with pytest.raises(ConfigError, match=rf"{bad}: key 'collective_timeout_s' = 5: must be at least 10 s"):
         cluster.load_profile(str(bad))
     bad = _profile(tmp_path, signal="USR1")
     with pytest.raises(ConfigError, match=r"key 'signal' = 'USR1'.*NCCL"):
@@ -160,6 +164,7 @@ def test_job_scripts_for_pyxis(tmp_path, fake_imagenet):
     assert "#SBATCH --dependency='afterok:<job id of shard>'" in train
     # The batch script, outside the container, names each job's preemption marker and requeues on it (below).
     assert f"export PIXELGEN_PREEMPT_MARKER={run}/submitit/preempted-\"$SLURM_JOB_ID\"" in train
+    assert "export PIXELGEN_COLLECTIVE_TIMEOUT_S=600" in train.splitlines()  # the profile's default
     teardown = train.split("# teardown")[1]
     assert "\n".join(cluster.requeue_lines(cluster.load_profile(str(profile))[1], run)) in teardown
     assert "#SBATCH --array=0-1%2" in s["shard"] and "--gpus-per-node" not in s["shard"]
@@ -195,14 +200,15 @@ def test_the_job_script_requeues_on_the_marker_or_exit_75(tmp_path, rc, marker, 
     script = "\n".join(["SECONDS=40", f"(exit {rc})", *cluster.requeue_lines(profile, tmp_path)])
     proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30,
                           env={"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "42",
-                               "SLURM_RESTART_COUNT": str(restarts), "PIXELGEN_PREEMPT_MARKER": str(path)})
+                               "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_RESTART_COUNT": str(restarts),
+                               "PIXELGEN_PREEMPT_MARKER": str(path)})
     assert proc.returncode == exit_code, proc.stderr
     assert (calls.read_text() == "requeue 42\n") if requeued else not calls.exists()
     assert ("requeueing job 42" in proc.stderr) == requeued
     assert not path.exists()  # a requeued job starts without it; a finished or failed one leaves none behind
-    # This run's time, for `pixelgen status` to add up across requeues.
+    # This run's time, for `pixelgen status` to add up across requeues, and its nodes.
     assert json.loads((tmp_path / "submitit" / "attempts-42.jsonl").read_text()) == \
-        {"task": 0, "restart": restarts, "seconds": 40, "rc": rc}
+        {"task": 0, "restart": restarts, "seconds": 40, "rc": rc, "nodes": "gpu[03-04]"}
 
 
 def test_a_signal_before_the_stage_starts_exits_75_and_leaves_the_marker(tmp_path):
@@ -271,10 +277,16 @@ def test_states_come_from_markers_results_and_the_record(tmp_path):
     rows = {r["stage"]: r for r in cluster.stage_states(run, cfg)}
     assert rows["shard"]["state"] == "done" and rows["shard"]["elapsed"] == "1:15"
     # Requeued once: the job script noted both runs; the stage's own time is its last run's.
-    cluster.attempts_file(run, "990001").write_text('{"task": 0, "restart": 0, "seconds": 100, "rc": 75}\n'
-                                                    '{"task": 0, "restart": 1, "seconds": 80, "rc": 0}\n{"task"')
+    # Requeued on other nodes: both node lists, in order (a ledger line of before the nodes were noted has none).
+    cluster.attempts_file(run, "990001").write_text(
+        '{"task": 0, "restart": 0, "seconds": 100, "rc": 75, "nodes": "gpu[03-04]"}\n'
+        '{"task": 0, "restart": 1, "seconds": 80, "rc": 0, "nodes": "gpu[07,09]"}\n'
+        '{"task": 0, "restart": 2, "seconds": 0, "rc": 0}\n{"task"')
     rows = {r["stage"]: r for r in cluster.stage_states(run, cfg)}
-    assert rows["shard"]["elapsed"] == "1:15 (total 3:00)"
+    assert rows["shard"]["elapsed"] == "1:15 (total 3:00)" and rows["shard"]["nodes"] == "gpu[03-04],gpu[07,09]"
+    assert rows["train_trunk"]["nodes"] == ""  # no ledger, not in the queue
+    table = cli._status_view(run, cfg)[0]
+    assert table.columns[3].header == "nodes" and list(table.columns[3].cells)[:2] == ["gpu[03-04],gpu[07,09]", "-"]
     assert rows["train_trunk"]["state"] == "failed"
     assert rows["train_trunk"]["detail"] == "FileNotFoundError: key 'x' = '/nowhere': file does not exist"
     assert rows["train_trunk"]["log"] == str(run / "submitit" / "990002" / "990002_0_log.err")
@@ -388,7 +400,8 @@ def slurm():
             pytest.fail(f"CI requires the live SLURM tests, but: {reason}")
         pytest.skip(reason)
     was_up = binaries and subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
-    subprocess.run([str(ROOT / "slurm" / "local" / "up")], check=True, timeout=900, capture_output=True)
+    subprocess.run([str(ROOT / "slurm" / "local" / "up"), "--nodes", "2"], check=True, timeout=900,
+                   capture_output=True)
     submitted: list[Path] = []
     yield submitted
     for run_dir in submitted:  # leave no job of ours behind
@@ -396,6 +409,12 @@ def slurm():
             cluster.cancel(run_dir)
     if not was_up:
         subprocess.run([str(ROOT / "slurm" / "local" / "down")], timeout=120, capture_output=True)
+        # down leaves no namespace node behind: no namespace, link, process or /etc/hosts line of ours
+        assert "pgnode" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "pgbr0" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+        assert "pixelgen slurm/local nodes" not in Path("/etc/hosts").read_text()
+        ps = subprocess.run(["ps", "-eo", "stat=,comm="], capture_output=True, text=True).stdout.splitlines()
+        assert not [x for x in ps if "slurm" in x and not x.startswith("Z")], ps
 
 
 def _submit(slurm, *args, env=None) -> subprocess.CompletedProcess:
@@ -457,20 +476,6 @@ def test_tiny_chain_under_sbatch_matches_the_local_executor(slurm, chain, fake_i
     for path in run.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-
-
-def test_two_ranks_under_srun_train_with_zero3(slurm, chain, tmp_path):
-    local_run, _ = chain
-    run = tmp_path / "run"
-    profile = _profile(tmp_path, tasks_per_node=2)
-    _submit(slurm, str(TINY), f"run_dir={run}", f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]",
-            "train_trunk.zero_stage=3", "--cluster", str(profile))
-    _wait(run, _all_done, what="the 2-rank job")
-    last = run / "train_trunk" / "checkpoints" / "step00000006"
-    assert json.loads((last / "COMPLETE.json").read_text())["world_size"] == 2
-    assert len(list(last.glob("*optim_states.pt"))) == 2  # each srun task saved its own ZeRO-3 shard
-    records = [json.loads(x) for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4, 6]
 
 
 def _progress(run_dir: Path) -> int:
@@ -650,3 +655,128 @@ def test_eval_as_a_job_array_scores_each_point_as_the_fid_stage_would(slurm, cha
     assert points[""]["fid"] == rundir.marker(local_run, "fid")["fid"]
     assert points["steps=2"]["fid"] != points[""]["fid"]
     assert "pixelgen: stage eval, SLURM job" in _log(run)
+
+
+# ------------------------------------------------------------------------------------------------- two nodes
+MULTI = ROOT / "slurm" / "local_multi.yaml"  # partition multi: node1 and node2, each its own network namespace
+TWO_TASKS = ["launch.train_trunk.tasks=2", "launch.train_decoder.tasks=2", "launch.fid.tasks=2"]
+
+
+def _same_weights(a: Path, b: Path, exact: bool) -> None:
+    """The exports of two training stages: equal, or within the engine tests' 2-rank vs 1-rank tolerance."""
+    import torch
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        x, y = load_file(a / "export" / name), load_file(b / "export" / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            if exact:
+                assert torch.equal(x[k], y[k]), f"{a.name} {name}:{k}"
+            else:
+                torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-6, msg=f"{a.name} {name}:{k}")
+
+
+def _losses(run_dir: Path, stage: str) -> list[float]:
+    return [json.loads(x)["loss"] for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_shard_array_and_fid_over_two_nodes_equal_one_node(slurm, chain, fake_imagenet, tmp_path):
+    """The shard stage as an array with one task per node, and the FID stage as 2 nodes x 1 rank (gloo between
+    node1's and node2's addresses): byte-identical to the one-node chain's shards and FID."""
+    local_run, _ = chain
+    shards = tmp_path / "shards"
+    _submit(slurm, *chain_args(shards, fake_imagenet)[1:], "stages=[shard]", "--cluster", str(MULTI))
+    scored = tmp_path / "fid"  # the chain's generator scored again, with the chain's shards
+    _submit(slurm, str(TINY), f"run_dir={scored}", f"data.shard_dir={local_run / 'shard'}", "stages=[fid]",
+            f"fid.weights={local_run / 'train_decoder' / 'export' / 'ema.safetensors'}", "--cluster", str(MULTI))
+    _wait(shards, _all_done, what="the shard array on two nodes")
+    states = _wait(scored, _all_done, what="the FID stage on two nodes")
+    assert sorted(_states(shards)["shard"]["nodes"].split(",")) == ["node1", "node2"]  # a task on each node
+    ours = sorted((shards / "shard").rglob("*"))
+    theirs = sorted(p for p in (local_run / "shard").rglob("*") if "fid_reference" not in p.parts)  # FID's cache
+    assert [p.relative_to(shards) for p in ours] == [p.relative_to(local_run) for p in theirs]
+    locks = {}
+    for a, b in zip(ours, theirs):
+        if a.name.startswith(".lock-task"):  # "pid N on HOST": each task's own host name
+            locks[a.name] = a.read_text().split()[-1]
+        elif a.suffix == ".tar" or a.name == "manifest.json":  # (DONE.json holds the stage's own timing)
+            assert a.read_bytes() == b.read_bytes(), a
+    assert sorted(locks.values()) == ["node1", "node2"], locks
+    assert states["fid"]["nodes"] == "node[1-2]"
+    ours, theirs = (json.loads((r / "fid" / "metrics.json").read_text()) for r in (scored, local_run))
+    # Each rank with the threads of the chain's one (on the CPU a convolution's bits depend on them).
+    assert ours["protocol"]["cpu_threads_per_rank"] == theirs["protocol"]["cpu_threads_per_rank"] == 2
+    assert ours["protocol"]["ranks"] == 2 and theirs["protocol"]["ranks"] == 1 and ours["fid"] == theirs["fid"]
+    assert "node[1-2]" in pixelgen("status", str(scored)).stdout
+
+
+def test_a_lost_node_requeues_the_two_node_job_which_resumes_bit_equal(slurm, chain, tmp_path):
+    """train_trunk (ZeRO-3, its parameters split over the nodes) as 2 nodes x 1 task, equal to one node with two
+    tasks; then node2 is lost mid-run (link down, its processes killed: slurm/local/lose-node). SLURM marks it
+    DOWN and requeues the job (NODE_FAIL, JobRequeue=1), node1's rank does not wait beyond the collective
+    timeout, the job comes back when the node does and resumes from the last complete checkpoint to the bit."""
+    local_run, _ = chain
+    steps, every = 60, 10
+    args = [str(TINY), f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]", "train_trunk.zero_stage=3",
+            f"train_trunk.steps={steps}", f"train_trunk.ckpt_every={every}", "train_trunk.log_every=1"]
+    run = tmp_path / "run"
+    # One thread per rank: the two nodes share this machine's two cores (ZeRO-3's many small collectives over
+    # gloo crawl with two threads per rank fighting for them), as the local executor's ranks get.
+    profile = _profile(tmp_path, "local_multi", setup=["export OMP_NUM_THREADS=1"])
+    _submit(slurm, *args, f"run_dir={run}", "--cluster", str(profile))
+    job = cluster.latest_jobs(cluster.read_record(run))["train_trunk"]["job_id"]
+    _wait(run, lambda s: _progress(run) > every + 3, timeout=300, what="training past its first checkpoint")
+    assert _states(run)["train_trunk"]["nodes"] == "node[1-2]"
+    lost = time.time()
+    subprocess.run([str(ROOT / "slurm" / "local" / "lose-node"), "node2"], check=True, timeout=60)
+    # The same run uninterrupted on one node with two tasks, meanwhile (the wait below is mostly idle).
+    reference = tmp_path / "one-node"
+    ref = subprocess.Popen([str(Path(sys.executable).parent / "pixelgen"), "run", *args, f"run_dir={reference}",
+                            "launch.train_trunk.tasks=2", "--executor", "local"], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(run, lambda s: _restarts(job)[1] >= 1 and s["train_trunk"]["state"] == "requeued", timeout=120,
+              what="SLURM to requeue the job")
+        down = subprocess.run(["sinfo", "-h", "-n", "node2", "-o", "%T"], capture_output=True, text=True).stdout
+        assert down.strip().startswith("down"), down
+        seen = _progress(run)
+        assert seen < steps, "the run finished before the node was lost: make the test's run longer"
+        row = _states(run)["train_trunk"]
+        assert row["state"] == "requeued" and "requeued 1x" in row["detail"], row
+        # node1's rank is gone within the collective timeout (40 s) plus SLURM's kill, not waiting for its peer.
+        end = time.time() + 60
+        while _stage_procs("pgnode1") and time.time() < end:
+            time.sleep(1)
+        assert not _stage_procs("pgnode1"), "a rank on node1 still waits for its lost peer"
+        gone = time.time() - lost
+        subprocess.run([str(ROOT / "slurm" / "local" / "up"), "--nodes", "2"], check=True, timeout=120,
+                       capture_output=True)
+        states = _wait(run, lambda s: _all_done(s) and not cluster.active_jobs(run),
+                       what="the requeued job to finish once node2 is back")
+    finally:
+        out = ref.communicate(timeout=600)[0]
+    assert ref.returncode == 0, out[-3000:]
+    assert states["train_trunk"]["job_id"] == job and states["train_trunk"]["nodes"] == "node[1-2]"
+    last = run / "train_trunk" / "checkpoints" / f"step{steps:08d}"
+    assert json.loads((last / "COMPLETE.json").read_text())["world_size"] == 2
+    assert len(list(last.glob("*optim_states.pt"))) == 2  # each node's rank saved its own ZeRO-3 shard
+    resumed = [int(x) for x in re.findall(r"from checkpoint step (\d+)", _log(run))]
+    assert len(resumed) == 1 and every <= resumed[0] <= seen and resumed[0] % every == 0, (resumed, seen)
+    _same_weights(run / "train_trunk", reference / "train_trunk", exact=True)
+    records = [json.loads(x) for x in (run / "train_trunk" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == steps
+    print(f"node lost at step {seen}; node1's rank gone {gone:.0f} s later")
+
+
+def _stage_procs(netns: str) -> list[str]:
+    """Command lines of the pixelgen stage processes (submitit tasks) running in a namespace node."""
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit" in cmd:
+            found.append(cmd)
+    return found

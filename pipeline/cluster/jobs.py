@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from pipeline import image
 from pipeline.cluster.profile import RANKED_STAGES, ClusterProfile, tasks_per_node
 from pixelgen import families
-from pixelgen.engine import preemption
+from pixelgen.engine import dist, preemption
 
 # `pixelgen stage` and a stage's SLURM job exit with this after saving a checkpoint on a preemption signal
 # ("temporary failure, try again", sysexits.h); the job script then requeues the job.
@@ -71,12 +71,13 @@ def setup_lines(run_dir: Path, p: ClusterProfile) -> list[str]:
     return [f"export SUBMITIT_PREEMPT_SIGNAL={p.signal}",
             f"export {preemption.MARKER_ENV}={preempt_marker(run_dir)}",
             f'rm -f "${preemption.MARKER_ENV}"',
+            f"export {dist.TIMEOUT_ENV}={p.collective_timeout_s}",
             f"export {image.SUBMIT_ENV}={shlex.quote(git_revision())}", *p.setup]
 
 
 def attempts_file(run_dir: Path, job_id: str) -> Path:
     """One line per run of a job (each requeue starts another), appended by its job script: array task,
-    restart, seconds and srun's status. `pixelgen status` adds them up."""
+    restart, seconds, srun's status and the nodes it ran on. `pixelgen status` adds them up."""
     return Path(run_dir) / "submitit" / f"attempts-{job_id}.jsonl"
 
 
@@ -88,12 +89,12 @@ def requeue_lines(p: ClusterProfile, run_dir: Path) -> list[str]:
     marker = f'"${preemption.MARKER_ENV}"'
     ledger = shlex.quote(str(attempts_file(run_dir, "")).removesuffix(".jsonl")) + \
         '"${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}.jsonl"'
-    fields = '{"task": %s, "restart": %s, "seconds": %s, "rc": %s}'
+    fields = '{"task": %s, "restart": %s, "seconds": %s, "rc": %s, "nodes": "%s"}'
     return [
         "rc=$?",
         # $SECONDS counts from the batch script's start: this run's time (squeue's TimeUsed restarts at a requeue).
         f"printf '{fields}\\n' \"${{SLURM_ARRAY_TASK_ID:-0}}\" \"${{SLURM_RESTART_COUNT:-0}}\" \"$SECONDS\" \"$rc\" "
-        f">> {ledger} || true",
+        f'"$SLURM_JOB_NODELIST" >> {ledger} || true',
         f'if [ "$rc" -ne 0 ] && {{ [ "$rc" -eq {EXIT_PREEMPTED} ] || [ -e {marker} ]; }} '
         f'&& [ "${{SLURM_RESTART_COUNT:-0}}" -lt {p.max_requeues} ]; then',
         f'    echo "pixelgen: preemption signal (srun exit $rc; $(cat {marker} 2>/dev/null | wc -l) signal(s) '

@@ -70,6 +70,10 @@ class ClusterProfile:
     signal: str = "USR2"  # sent `signal_lead_s` before the time limit (and on preemption, if the admin allows)
     signal_lead_s: int = 120  # must cover one step plus writing a checkpoint
     max_requeues: int = 100  # a job that keeps being preempted or timing out stops after this many requeues
+    # How long a rank waits for its peers in one collective before its stage fails (pixelgen.engine.dist): keep
+    # it above the cluster's SlurmdTimeout (`scontrol show config`), so that a lost node is SLURM's to handle:
+    # it marks the node DOWN and requeues the job, which resumes from its last complete checkpoint.
+    collective_timeout_s: int = 600
     setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda/12.4"
     sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {constraint: h100}
     # Check the run's input paths (ImageNet, shards, Inception weights) on the submitting machine first; false
@@ -126,6 +130,9 @@ def validate_profile(p: ClusterProfile, source: str) -> None:
                                  "listens to these; NCCL takes USR1)")
     if p.signal_lead_s < 10:
         fail("signal_lead_s", p.signal_lead_s, "must be at least 10 s: it has to cover one step and a checkpoint")
+    if p.collective_timeout_s < 10:
+        fail("collective_timeout_s", p.collective_timeout_s, "must be at least 10 s: a checkpoint or a sample grid "
+                                                            "on one rank keeps the others waiting that long")
     for key in ("gpus_per_node", "max_requeues"):
         if getattr(p, key) < 0:
             fail(key, getattr(p, key), "must be >= 0")

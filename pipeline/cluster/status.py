@@ -21,23 +21,24 @@ FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADL
 
 
 def queue(job_ids: list[str]) -> dict[str, list[dict]]:
-    """{job id: [one dict per job (or array task): state, reason, seconds used, restarts]} for the jobs slurmctld
-    still knows (pending, running, and finished ones for MinJobAge). squeue only: works without sacct."""
+    """{job id: [one dict per job (or array task): state, reason, seconds used, restarts, nodes]} for the jobs
+    slurmctld still knows (pending, running, and finished ones for MinJobAge). squeue only: works without sacct."""
     if not job_ids or shutil.which("squeue") is None:
         return {}
-    fmt = "ArrayJobID:|,JobArrayID:|,State:|,Reason:|,TimeUsed:|,RestartCnt:"
+    fmt = "ArrayJobID:|,JobArrayID:|,State:|,Reason:|,TimeUsed:|,RestartCnt:|,NodeList:"
     out = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-O", fmt],
                          capture_output=True, text=True, timeout=60)
     found: dict[str, list[dict]] = {}
     for line in out.stdout.splitlines():
         parts = [x.strip() for x in line.split("|")]
-        if len(parts) < 6:
+        if len(parts) < 7:
             continue
-        array_id, task_id, state, reason, used, restarts = parts[:6]
+        array_id, task_id, state, reason, used, restarts, nodes = parts[:7]
         job = array_id if array_id in job_ids else task_id.split("_")[0]
         found.setdefault(job, []).append({"id": task_id, "state": state, "reason": reason,
                                           "seconds": _squeue_seconds(used),
-                                          "restarts": int(restarts) if restarts.isdigit() else 0})
+                                          "restarts": int(restarts) if restarts.isdigit() else 0,
+                                          "nodes": "" if nodes == "(null)" else nodes})
     return found
 
 
@@ -95,21 +96,39 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _runs(run_dir: Path, job_id: str) -> dict[int, list[float]]:
-    """{array task: seconds of each finished run} from the job script's ledger (jobs.attempts_file): a job that
-    was requeued has run more than once, and squeue's TimeUsed counts only the current run."""
+def _ledger(run_dir: Path, job_id: str) -> list[dict]:
+    """The job script's ledger (jobs.attempts_file): one entry per finished run of the job or of its array tasks."""
     try:
         lines = attempts_file(run_dir, job_id).read_text().splitlines()
     except OSError:
-        return {}
-    runs: dict[int, list[float]] = {}
+        return []
+    entries = []
     for line in lines:
         try:
             entry = json.loads(line)
-            runs.setdefault(int(entry["task"]), []).append(float(entry["seconds"]))
+            entries.append({**entry, "task": int(entry["task"]), "seconds": float(entry["seconds"])})
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a full disk
+    return entries
+
+
+def _runs(ledger: list[dict]) -> dict[int, list[float]]:
+    """{array task: seconds of each finished run}: a job that was requeued has run more than once, and squeue's
+    TimeUsed counts only the current run."""
+    runs: dict[int, list[float]] = {}
+    for entry in ledger:
+        runs.setdefault(entry["task"], []).append(entry["seconds"])
     return runs
+
+
+def _nodes(ledger: list[dict], tasks: list[dict]) -> str:
+    """The nodes a stage's job ran on, as SLURM's node lists ("node[1-2]"), each distinct one once, in order:
+    the finished runs (the tasks of an array, the runs before a requeue), then what runs now."""
+    seen: list[str] = []
+    for nodes in [e.get("nodes", "") for e in ledger] + [t["nodes"] for t in tasks if t["state"] in ACTIVE]:
+        if nodes and nodes not in seen:
+            seen.append(nodes)
+    return ",".join(seen)
 
 
 def _elapsed(this_run: float, runs: dict[int, list[float]], current: dict[int, float]) -> str:
@@ -191,9 +210,12 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
         m = rundir.marker(run_dir, stage)
         job = jobs.get(stage)
         row = {"stage": stage, "job_id": job["job_id"] if job else None, "elapsed": "", "log": "", "detail": "",
-               "restarts": 0, "runs": 0, "marker": m}
+               "restarts": 0, "runs": 0, "nodes": "", "marker": m}
+        ledger = _ledger(run_dir, job["job_id"]) if job else []
+        tasks = q.get(job["job_id"], []) if job else []
+        row["nodes"] = _nodes(ledger, tasks)
         if m is not None:
-            runs = _runs(run_dir, job["job_id"]) if job else {}
+            runs = _runs(ledger)
             row.update(state="done", elapsed=_elapsed(m.get("seconds", 0), runs, {}),
                        runs=max(map(len, runs.values()), default=0))
         elif job is None:  # a local run (no record), or a stage no submission included
@@ -201,12 +223,11 @@ def stage_states(run_dir: Path, cfg) -> list[dict]:
             row["state"] = "started" if started else ("not submitted" if record else "pending")
         else:
             jid = job["job_id"]
-            tasks = q.get(jid, [])
             states = {t["state"] for t in tasks}
             row["restarts"] = max((t["restarts"] for t in tasks), default=0)
             used = max((t["seconds"] for t in tasks), default=0)
             current = {_task_index(t["id"]): t["seconds"] for t in tasks if t["state"] in ACTIVE}
-            runs = _runs(run_dir, jid)
+            runs = _runs(ledger)
             row["elapsed"] = _elapsed(used, runs, current)
             row["runs"] = max(map(len, runs.values()), default=0)  # the job script's ledger: one entry per run
             failed_task = next((t["id"] for t in tasks if t["state"] in FAILED), None)
