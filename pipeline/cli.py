@@ -505,8 +505,8 @@ def _add_run_dir_commands(sub) -> None:
     """status, cancel and resume: what to do with a run folder."""
     p = sub.add_parser("status", help="show the state of each stage of a run folder",
                        description="Show each stage's state (done, running, pending, requeued, failed, cancelled, "
-                                   "not run), SLURM job id, elapsed time (this run, and the total over its runs once "
-                                   "requeued), latest complete checkpoint, training "
+                                   "not run), SLURM job id, the nodes it ran on, elapsed time (this run, and the total "
+                                   "over its runs once requeued), latest complete checkpoint, training "
                                    "progress (step, loss, ETA) or result, and log, from the run record, squeue and "
                                    "the run folder (no sacct needed).")
     p.add_argument("run_dir", help="the run folder (run_dir of the config)")
