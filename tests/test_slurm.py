@@ -448,10 +448,14 @@ def _log(run_dir: Path) -> str:
 
 
 def test_tiny_chain_under_sbatch_matches_the_local_executor(slurm, chain, fake_imagenet, tmp_path):
+    """On the namespace nodes: the shard array one task per node, each training stage one task on one node, the
+    FID stage as 2 nodes x 1 rank (gloo between node1's and node2's addresses). The outputs equal the local
+    executor's chain: shards and the FID stage's samples byte for byte, weights to the bit."""
     local_run, _ = chain
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_API_KEY": SECRET}
-    proc = _submit(slurm, *chain_args(run, fake_imagenet)[1:], "--cluster", "local", env=env)
+    profile = _profile(tmp_path, "local_multi", **{"nodes.train_trunk": 1, "nodes.train_decoder": 1})
+    proc = _submit(slurm, *chain_args(run, fake_imagenet)[1:], "--cluster", str(profile), env=env)
     assert _states(run)["fid"]["state"] == "pending"  # queued at once, waiting on its dependency
     record = json.loads((run / cluster.RECORD).read_text())
     jobs = record["submissions"][0]["jobs"]
@@ -460,17 +464,36 @@ def test_tiny_chain_under_sbatch_matches_the_local_executor(slurm, chain, fake_i
         assert job["job_id"] in proc.stdout
     entry = record["submissions"][0]
     assert entry["config_hash"] == json.loads((run / "run.json").read_text())["config_hash"]
-    assert entry["git_revision"] and entry["cluster"].endswith("slurm/local.yaml")
-    _wait(run, _all_done, what="the chain to finish")
+    assert entry["git_revision"] and entry["cluster"] == str(profile)
+    states = _wait(run, lambda s: _all_done(s) and not cluster.active_jobs(run), what="the chain to finish")
+    assert sorted(states["shard"]["nodes"].split(",")) == ["node1", "node2"]  # an array task on each node
+    assert states["train_trunk"]["nodes"] in ("node1", "node2") and states["fid"]["nodes"] == "node[1-2]"
+    ours, theirs = (sorted(p for p in (r / "shard").rglob("*") if "fid_reference" not in p.parts)  # FID's cache
+                    for r in (run, local_run))
+    assert [p.relative_to(run) for p in ours] == [p.relative_to(local_run) for p in theirs]
+    locks = {}
+    for a, b in zip(ours, theirs):
+        if a.name.startswith(".lock-task"):  # "pid N on HOST": each task's own host name
+            locks[a.name] = a.read_text().split()[-1]
+        elif a.suffix == ".tar" or a.name == "manifest.json":  # (DONE.json holds the stage's own timing)
+            assert a.read_bytes() == b.read_bytes(), a
+    assert sorted(locks.values()) == ["node1", "node2"], locks
     for stage in ("train_trunk", "train_decoder"):
         ours, theirs = rundir.marker(run, stage), rundir.marker(local_run, stage)
         assert ours["final_loss"] == theirs["final_loss"], stage
         for name in ("model.safetensors", "ema.safetensors"):
             a, b = load_file(run / stage / "export" / name), load_file(local_run / stage / "export" / name)
             assert all((a[k] == b[k]).all() for k in a), (stage, name)
-    assert rundir.marker(run, "fid")["fid"] == rundir.marker(local_run, "fid")["fid"]
+    ours, theirs = (json.loads((r / "fid" / "metrics.json").read_text()) for r in (run, local_run))
+    # Each rank with the threads of the chain's one (on the CPU a convolution's bits depend on them).
+    assert ours["protocol"]["cpu_threads_per_rank"] == theirs["protocol"]["cpu_threads_per_rank"] == 2
+    assert ours["protocol"]["ranks"] == 2 and theirs["protocol"]["ranks"] == 1
+    assert (run / "fid" / "samples.npz").read_bytes() == (local_run / "fid" / "samples.npz").read_bytes()
+    # The reference statistics of 2 ranks sum their shards' moments in another order than 1 rank: equal up to
+    # float64 rounding (with one shared reference the 2-node FID is the 1-rank one to the bit).
+    assert ours["fid"] == pytest.approx(theirs["fid"], rel=1e-7)
     out = pixelgen("status", str(run)).stdout
-    assert out.count("done") == 4 and jobs["fid"]["job_id"] in out
+    assert out.count("done") == 4 and jobs["fid"]["job_id"] in out and "node[1-2]" in out
     # The secret reached the jobs (their first log line names it) and was written nowhere.
     assert "secrets from the environment: WANDB_API_KEY" in _log(run)
     for path in run.rglob("*"):
@@ -502,13 +525,12 @@ def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
     _submit(slurm, *args, f"run_dir={run}", "--cluster", "local")
     job = cluster.latest_jobs(cluster.read_record(run))["train_trunk"]["job_id"]
     seen = 0
-    # Three interruptions in a row: a real preemption (a job in the local cluster's higher-tier partition needs
-    # the whole node; SLURM sends USR2 at once and requeues after GraceTime), USR2 sent by hand, then an
-    # administrator's `scontrol requeue` (SIGTERM to the tasks).
+    # Two interruptions in a row: a real preemption (a job in the local cluster's higher-tier partition needs
+    # the whole node; SLURM sends USR2 at once and requeues after GraceTime), then an administrator's
+    # `scontrol requeue` (SIGTERM to the tasks). (USR2 sent by hand with scancel takes the preemption's path.)
     urgent = ["sbatch", "--partition=urgent", "--exclusive", "--mem=100M", "--job-name=pixelgen-test-urgent",
               f"--output={tmp_path / 'urgent-%j.out'}", "--wrap=sleep 1"]
-    for n, interrupt in enumerate((urgent, ["scancel", "--signal=USR2", job], ["scontrol", "requeue", job]),
-                                  start=1):
+    for n, interrupt in enumerate((urgent, ["scontrol", "requeue", job]), start=1):
         _wait(run, lambda s: _progress(run) > seen + 3, timeout=300, what=f"training to progress before {n}")
         subprocess.run(interrupt, check=True, timeout=60, capture_output=True)
         _wait(run, lambda s: _restarts(job)[1] >= n, timeout=300, what=f"requeue {n}")
@@ -520,9 +542,9 @@ def test_preempted_training_requeues_and_ends_bit_equal(slurm, chain, tmp_path):
     states = _wait(run, _all_done, what="the requeued run to finish")
     assert states["train_trunk"]["job_id"] == job  # the same job came back each time
     log = _log(run)
-    assert log.count("requeueing job") >= 2  # the USR2 interruptions: saved, exit 75, requeued by the job script
-    assert "restart 1 of at most" in log  # the preemption's USR2 came first and took the same path
-    assert log.count("from checkpoint step") >= 3
+    assert log.count("requeueing job") >= 1  # the preemption's USR2: saved, exit 75, requeued by the job script
+    assert "restart 1 of at most" in log
+    assert log.count("from checkpoint step") >= 2
     a, b = load_file(run / "train_trunk" / "export" / "model.safetensors"), \
         load_file(reference / "train_trunk" / "export" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
@@ -680,43 +702,13 @@ def _losses(run_dir: Path, stage: str) -> list[float]:
     return [json.loads(x)["loss"] for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_shard_array_and_fid_over_two_nodes_equal_one_node(slurm, chain, fake_imagenet, tmp_path):
-    """The shard stage as an array with one task per node, and the FID stage as 2 nodes x 1 rank (gloo between
-    node1's and node2's addresses): byte-identical to the one-node chain's shards and FID."""
-    local_run, _ = chain
-    shards = tmp_path / "shards"
-    _submit(slurm, *chain_args(shards, fake_imagenet)[1:], "stages=[shard]", "--cluster", str(MULTI))
-    scored = tmp_path / "fid"  # the chain's generator scored again, with the chain's shards
-    _submit(slurm, str(TINY), f"run_dir={scored}", f"data.shard_dir={local_run / 'shard'}", "stages=[fid]",
-            f"fid.weights={local_run / 'train_decoder' / 'export' / 'ema.safetensors'}", "--cluster", str(MULTI))
-    _wait(shards, _all_done, what="the shard array on two nodes")
-    states = _wait(scored, _all_done, what="the FID stage on two nodes")
-    assert sorted(_states(shards)["shard"]["nodes"].split(",")) == ["node1", "node2"]  # a task on each node
-    ours = sorted((shards / "shard").rglob("*"))
-    theirs = sorted(p for p in (local_run / "shard").rglob("*") if "fid_reference" not in p.parts)  # FID's cache
-    assert [p.relative_to(shards) for p in ours] == [p.relative_to(local_run) for p in theirs]
-    locks = {}
-    for a, b in zip(ours, theirs):
-        if a.name.startswith(".lock-task"):  # "pid N on HOST": each task's own host name
-            locks[a.name] = a.read_text().split()[-1]
-        elif a.suffix == ".tar" or a.name == "manifest.json":  # (DONE.json holds the stage's own timing)
-            assert a.read_bytes() == b.read_bytes(), a
-    assert sorted(locks.values()) == ["node1", "node2"], locks
-    assert states["fid"]["nodes"] == "node[1-2]"
-    ours, theirs = (json.loads((r / "fid" / "metrics.json").read_text()) for r in (scored, local_run))
-    # Each rank with the threads of the chain's one (on the CPU a convolution's bits depend on them).
-    assert ours["protocol"]["cpu_threads_per_rank"] == theirs["protocol"]["cpu_threads_per_rank"] == 2
-    assert ours["protocol"]["ranks"] == 2 and theirs["protocol"]["ranks"] == 1 and ours["fid"] == theirs["fid"]
-    assert "node[1-2]" in pixelgen("status", str(scored)).stdout
-
-
 def test_a_lost_node_requeues_the_two_node_job_which_resumes_bit_equal(slurm, chain, tmp_path):
     """train_trunk (ZeRO-3, its parameters split over the nodes) as 2 nodes x 1 task, equal to one node with two
     tasks; then node2 is lost mid-run (link down, its processes killed: slurm/local/lose-node). SLURM marks it
     DOWN and requeues the job (NODE_FAIL, JobRequeue=1), node1's rank does not wait beyond the collective
     timeout, the job comes back when the node does and resumes from the last complete checkpoint to the bit."""
     local_run, _ = chain
-    steps, every = 60, 10
+    steps, every = 40, 10
     args = [str(TINY), f"data.shard_dir={local_run / 'shard'}", "stages=[train_trunk]", "train_trunk.zero_stage=3",
             f"train_trunk.steps={steps}", f"train_trunk.ckpt_every={every}", "train_trunk.log_every=1"]
     run = tmp_path / "run"
