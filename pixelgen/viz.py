@@ -8,13 +8,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from pixelgen.io import atomic_write
 
 
 def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save uint8 images [N, 3, H, W] as one PNG grid (nrow defaults to a near-square layout)."""
+    # Imported here: torchvision.utils imports every torchvision model (~2 s), which a process that never
+    # draws a grid (the CLI, a status query, an FID rank) should not wait for.
+    from torchvision.utils import make_grid
+
     n = images_uint8.shape[0]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     grid = make_grid(images_uint8.cpu(), nrow=nrow, padding=2, pad_value=255)
