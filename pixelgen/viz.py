@@ -15,7 +15,7 @@ from pixelgen.io import atomic_write
 def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Save uint8 images [N, 3, H, W] as one PNG grid (nrow defaults to a near-square layout)."""
     # Imported here: torchvision.utils imports every torchvision model (~2 s), which a process that never
-    # draws a grid (the CLI, a status query, an FID rank) should not wait for.
+    # draws a grid (the CLI: status, cancel, submission) should not wait for.
     from torchvision.utils import make_grid
 
     n = images_uint8.shape[0]
