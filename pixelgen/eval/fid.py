@@ -23,19 +23,15 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch_fidelity
-from torch_fidelity.defaults import DEFAULTS
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+# torch_fidelity is imported where it is used: its package imports torchvision's every model (~2.4 s), which
+# every pipeline stage would pay at start-up through pipeline.stages, although only the FID stage needs it.
 
 from pixelgen.eval.config import FIDConfig, Metric, missing_reference_keys
 from pixelgen.io import atomic_write_file, sha256_file
 from pixelgen.progress import report
 
 WEIGHTS_ENV = "PIXELGEN_INCEPTION_WEIGHTS"
-UPSTREAM_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)
 FEATURE_EXTRACTOR_NAME = "inception-v3-compat"  # the name torch-fidelity registers this extractor under
 FEATURE_FID = "2048"
 FEATURE_ISC = "logits_unbiased"
@@ -45,18 +41,32 @@ SFID_CHANNELS = 7
 PRC_NEIGHBORHOOD = 3  # ADM's k
 
 
-class _InceptionArchitecture(FeatureExtractorInceptionV3):
-    """torch-fidelity's InceptionV3 with its weight loading disabled.
+def __getattr__(name: str):
+    # URL_INCEPTION_V3 and UPSTREAM_WEIGHTS_NAME, looked up in torch-fidelity only when asked for.
+    if name == "URL_INCEPTION_V3":
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-    Building the random state dict from torch-fidelity's own module guarantees the exact key set and shapes
-    that its strict `load_state_dict` expects later.
-    """
+        return URL_INCEPTION_V3
+    if name == "UPSTREAM_WEIGHTS_NAME":
+        return os.path.basename(__getattr__("URL_INCEPTION_V3"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None
+
+def _weights_hint(join: str = ", from") -> str:
+    return f"{__getattr__('UPSTREAM_WEIGHTS_NAME')}{join} {__getattr__('URL_INCEPTION_V3')}"
 
 
 def _random_inception_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _InceptionArchitecture(FeatureExtractorInceptionV3):
+        """torch-fidelity's InceptionV3 with its weight loading disabled: building the random state dict from
+        torch-fidelity's own module guarantees the exact key set and shapes its strict `load_state_dict`
+        expects later."""
+
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
     empty = io.BytesIO()
     torch.save({}, empty)
     empty.seek(0)
@@ -92,14 +102,14 @@ def resolve_inception_weights(cfg: FIDConfig, cache_dir: str) -> tuple[str, bool
             if not os.path.isfile(path):
                 raise FileNotFoundError(
                     f"{source} points to {path!r}, which is not a file: fix the path or unset {source} "
-                    f"(torch-fidelity's weights file is {UPSTREAM_WEIGHTS_NAME}, from {URL_INCEPTION_V3})"
+                    f"(torch-fidelity's weights file is {_weights_hint()})"
                 )
             return path, False
 
     if not cfg.allow_random_features:
         raise FileNotFoundError(
             f"No InceptionV3 weights for FID: set fid.inception_weights or the environment variable {WEIGHTS_ENV} "
-            f"to torch-fidelity's {UPSTREAM_WEIGHTS_NAME} (download it from {URL_INCEPTION_V3} on a machine with "
+            f"to torch-fidelity's {_weights_hint(' (download it from')} on a machine with "
             f"internet access; it is not fetched at run time), or set fid.allow_random_features=true for a "
             f"proxy FID from a random-init Inception that is not comparable to published numbers"
         )
@@ -118,6 +128,8 @@ class InceptionFeatures:
         self.weights_path = weights_path
         self.device = torch.device(device)
         self.batch_size = batch_size
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
         try:
             model = FeatureExtractorInceptionV3(
                 FEATURE_EXTRACTOR_NAME, [FEATURE_FID, FEATURE_ISC], feature_extractor_weights_path=weights_path
@@ -125,7 +137,7 @@ class InceptionFeatures:
         except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise ValueError(
                 f"Inception weights {weights_path!r} are not a torch-fidelity InceptionV3 state dict ({e}): use "
-                f"{UPSTREAM_WEIGHTS_NAME} from {URL_INCEPTION_V3}"
+                f"{_weights_hint()}"
             ) from e
         self.model = model.to(self.device)
         self._spatial: list[torch.Tensor] = []
@@ -227,6 +239,8 @@ def reference_statistics(features_2048: torch.Tensor | np.ndarray) -> dict[str, 
     features = torch.as_tensor(features_2048, dtype=torch.float64, device="cpu")
     if features.dim() != 2 or features.shape[0] < 2:
         raise ValueError(f"FID statistics need features [N >= 2, D], got {tuple(features.shape)}")
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
     return fid_features_to_statistics(features)
 
 
@@ -350,6 +364,8 @@ def _frechet(gen: dict, ref: dict, mu_key: str, sigma_key: str, what: str) -> fl
             f"Reference {what} statistics have dimension {ref['mu'].shape[0]} but the generated features "
             f"{gen['mu'].shape[0]}: both must come from torch-fidelity's InceptionV3 at its own 299 px"
         )
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     return fid_statistics_to_metric(gen, ref, verbose=False)[KEY_METRIC_FID]
 
 
@@ -371,6 +387,9 @@ def compute_metrics(generated: dict | Iterable[dict], ref_stats: dict[str, np.nd
     gen = generated if isinstance(generated, dict) and "count" in generated else summarise(generated, metrics)
     out = {"fid": _frechet(gen, ref_stats, "mu", "sigma", "pool3")}
     if Metric.isc in metrics:
+        from torch_fidelity.defaults import DEFAULTS
+        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
         logits = gen["logits"]
         # Each IS split needs at least one sample; small demo runs have fewer samples than the 10 standard splits.
         splits = max(1, min(isc_splits, logits.shape[0]))
@@ -381,6 +400,8 @@ def compute_metrics(generated: dict | Iterable[dict], ref_stats: dict[str, np.nd
     if Metric.sfid in metrics:
         out["sfid"] = _frechet(gen, ref_stats, "mu_s", "sigma_s", "spatial")
     if Metric.precision_recall in metrics:
+        from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
         prc = prc_features_to_metric(torch.as_tensor(gen["features"], dtype=torch.float32),
                                      torch.as_tensor(ref_stats["features"], dtype=torch.float32),
                                      prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10_000, save_cpu_ram=True,
@@ -393,6 +414,8 @@ def protocol(cfg: FIDConfig, weights_path: str, is_proxy: bool, num_gen: int, nu
              reference: Optional[dict] = None) -> dict:
     """How the numbers were measured, for the result JSON: enough to tell comparable runs apart. `reference`
     describes what was scored against (`reference`: train | val | file, and for a file its path and sha256)."""
+    import torch_fidelity
+
     return {
         "metric_name": "proxy-FID (random-init Inception: not comparable to published numbers)" if is_proxy else "FID",
         "proxy": is_proxy,
