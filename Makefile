@@ -28,8 +28,10 @@ demo: install
 	$(BIN)/pixelgen fake-imagenet runs/fake-imagenet
 	$(BIN)/pixelgen run configs/demo.yaml
 
+# Two workers (pytest-xdist), whole files each, longest first (tests/conftest.py); TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 clean-demo:
 	rm -rf runs/demo runs/fake-imagenet

@@ -13,6 +13,18 @@ TINY = ROOT / "configs" / "tiny.yaml"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# `make test` runs the suite on two pytest-xdist workers, one file per unit (--dist loadfile), in this order
+# (--no-loadscope-reorder): the longest files first, so that the last to finish is a short one. The live SLURM
+# file mostly waits on the cluster (a lost node's timeout, a time limit, a requeue) and the in-process tests use
+# one thread (one_thread below): one worker alone leaves a core idle most of the time. Seconds measured serially
+# (docs/benchmarks.md, "Install and test suite").
+LONGEST_FIRST = ("test_slurm.py", "test_image.py", "test_engine.py", "test_pipeline.py", "test_fid_stage.py",
+                 "test_families.py", "test_gpu_benchmark.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True, scope="module")

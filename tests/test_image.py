@@ -240,8 +240,8 @@ class Build:
         self.work = Path(tempfile.mkdtemp(prefix="pixelgen-image-"))
         self.log = self.work / "build.log"
         install = ("command -v podman >/dev/null && command -v debootstrap >/dev/null || "
-                   "{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap "
-                   ">/dev/null; }")
+                   "flock /run/lock/pixelgen-apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+                   "apt-get install -y -qq podman debootstrap >/dev/null'")  # one apt at a time (slurm/local/up)
         # --layers=false: one commit of the finished tree (a fresh build has no layer cache to reuse).
         script = (f"set -e; {install}; {ROOT}/docker/local-base {self.base} {self.work}/rootfs >/dev/null; "
                   f"IMAGE_BUILD_FLAGS=--layers=false make -s -C {ROOT} image BASE={self.base} IMAGE={self.tag}")

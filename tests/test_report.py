@@ -49,8 +49,10 @@ def browser() -> str:
             reason = "chromium is not on PATH and there is no apt-get to install it"
         else:
             t0 = time.time()
-            proc = subprocess.run(["bash", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-                                                 "apt-get install -y -qq chromium >/dev/null"],
+            # One apt at a time: the other test worker may be installing Slurm or podman (slurm/local/up).
+            proc = subprocess.run(["flock", "/run/lock/pixelgen-apt.lock", "bash", "-c",
+                                   "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+                                   "apt-get install -y -qq chromium >/dev/null"],
                                   capture_output=True, text=True, timeout=900)
             print(f"apt-get install chromium: {time.time() - t0:.0f} s (exit {proc.returncode})")
             exe = shutil.which("chromium")
