@@ -29,9 +29,10 @@ demo: install
 	$(BIN)/pixelgen run configs/demo.yaml
 
 # Two workers (pytest-xdist), whole files each, longest first (tests/conftest.py); TEST_WORKERS=0 runs serially.
+# The 15 slowest tests are listed at the end: the CI log shows where its time budget goes.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+	$(BIN)/python -m pytest --durations=15 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 clean-demo:
 	rm -rf runs/demo runs/fake-imagenet

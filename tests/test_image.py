@@ -216,9 +216,10 @@ def _run(*cmd, timeout=1800, **kw) -> subprocess.CompletedProcess:
 class Build:
     """The CPU image of this checkout, built against a Debian base made here (docker/local-base), by
     `make image`, as one process the `built` fixture starts and waits for. Everything it made is removed at
-    the end (the images are several GB). Not overlapped with other tests: started at collection it made the
+    the end (the images are several GB). Not started at collection: beside the serial suite it made the
     fresh-machine CI 2-3 minutes slower in all than the build alone costs (2 cores, and its 13 GB of writes
-    evict the page cache every torch import of the other tests reads from)."""
+    evict the page cache every torch import of the other tests reads from). Under `make test` it runs on one
+    worker while the other runs the live SLURM file, which mostly waits (tests/conftest.py)."""
 
     def __init__(self):
         self.tag = f"localhost/pixelgen-test:{os.getpid()}"
