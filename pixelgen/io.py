@@ -4,6 +4,7 @@ never takes a half-written file for a finished one."""
 from __future__ import annotations
 
 import hashlib
+from glob import escape as glob_escape
 import json
 import os
 import tempfile
@@ -29,6 +30,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def remove_leftover_temps(path: str | Path) -> list[Path]:
+    """Delete the temporary files that writers of `path` killed between write and rename left beside it.
+
+    Only safe while no other process is writing `path` (its temporary file would go too): call it where the
+    caller owns `path` (one task's progress file, or under the lock that serialises the writers).
+    """
+    path = Path(path)
+    leftovers = sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    return leftovers
 
 
 def atomic_write_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:

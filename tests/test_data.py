@@ -469,9 +469,18 @@ def test_killed_at_any_moment_the_rerun_is_byte_identical(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _kill_when(proc, ready)
         assert not (out / "manifest.json").exists()  # killed before the end
+    # A kill between an atomic write and its rename leaves a complete temporary file; the rerun removes it.
+    for name in (".progress-all.json.killed.tmp", ".manifest.json.killed.tmp", ".bad_files.csv.killed.tmp"):
+        (out / name).write_text("{}\n")
     pixelgen("shards", "write", args[0], str(out), *args[1:])
     assert tree_bytes(out) == tree_bytes(reference)
     assert pixelgen("shards", "verify", str(out)).returncode == 0
+
+    # Killed after writing the manifest, before removing the progress file: the no-op rerun tidies up.
+    (out / "progress-all.json").write_text("{}\n")
+    (out / ".progress-all.json.killed.tmp").write_text("{}\n")
+    pixelgen("shards", "write", args[0], str(out), *args[1:])
+    assert tree_bytes(out) == tree_bytes(reference)
 
 
 def test_verify_names_a_flipped_byte_and_a_missing_shard(shard_dir, tmp_path):
