@@ -4,13 +4,13 @@ never takes a half-written file for a finished one."""
 from __future__ import annotations
 
 import hashlib
-from glob import escape as glob_escape
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
+_TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: .<name>.<random>.tmp beside <name>
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -19,7 +19,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` then rename tmp_path to `path` (same directory, so the rename is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -32,17 +32,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def remove_leftover_temps(path: str | Path) -> list[Path]:
-    """Delete the temporary files that writers of `path` killed between write and rename left beside it.
-
-    Only safe while no other process is writing `path` (its temporary file would go too): call it where the
-    caller owns `path` (one task's progress file, or under the lock that serialises the writers).
-    """
-    path = Path(path)
-    leftovers = sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
-    for tmp in leftovers:
-        tmp.unlink(missing_ok=True)
-    return leftovers
+def leftover_temps(directory: str | Path, name_pattern: str) -> list[Path]:
+    """The temporary files `atomic_write` left in `directory` for names matching the glob `name_pattern` when
+    its writer was killed between write and rename: complete or not, never read. Remove them only where no
+    writer of those names can be running (under the lock that serialises them, or once they are all done)."""
+    return sorted(Path(directory).glob(f".{name_pattern}.*{_TEMP_SUFFIX}"))
 
 
 def atomic_write_file(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from pixelgen.data.config import ShardConfig, check_shard
 from pixelgen.data.sources import Source, scan_source
-from pixelgen.io import atomic_write, atomic_write_json, remove_leftover_temps, sha256_file
+from pixelgen.io import atomic_write, atomic_write_json, leftover_temps, sha256_file
 from pixelgen.progress import report
 
 MANIFEST = "manifest.json"
@@ -266,22 +266,21 @@ def _finalize(out_dir: str, settings: dict, source: Source, plans: dict[str, dic
             manifest["bad_files"] += [{"split": split, **b} for r in split_records for b in r["bad_files"]]
         manifest["bad_files"].sort(key=lambda b: b["path"])
         manifest["totals"] = {k: sum(s["totals"][k] for s in manifest["splits"].values()) for k in ("count", "bytes")}
-        for name in (BAD_FILES, MANIFEST):  # a finaliser killed between write and rename left its temporary file
-            remove_leftover_temps(os.path.join(out_dir, name))
         atomic_write(os.path.join(out_dir, BAD_FILES), _bad_files_csv(manifest["bad_files"]))
         atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
-        _remove_progress(out_dir)
+        _remove_leftovers(out_dir)  # every writer is done: its shard is recorded and present
         return manifest
 
 
-def _progress_files(out_dir: str) -> list[str]:
-    """The progress files, and the temporary files their writers left when killed between write and rename."""
-    return [path for pattern in ("progress-*.json", ".progress-*.json.*.tmp")
-            for path in glob.glob(os.path.join(out_dir, pattern))]
+def _leftovers(out_dir: str) -> list[str]:
+    """What a finished folder no longer needs: the progress files, and the temporary files of a progress
+    file, bad_files.csv or the manifest that a writer killed between write and rename left."""
+    return glob.glob(os.path.join(out_dir, "progress-*.json")) + [
+        str(path) for pattern in ("progress-*.json", BAD_FILES, MANIFEST) for path in leftover_temps(out_dir, pattern)]
 
 
-def _remove_progress(out_dir: str) -> None:
-    for path in _progress_files(out_dir):
+def _remove_leftovers(out_dir: str) -> None:
+    for path in _leftovers(out_dir):
         os.remove(path)
 
 
@@ -305,9 +304,9 @@ def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, 
         manifest = read_manifest(out_dir)
         _check_settings(manifest, settings, manifest_path)
         if all(_present(out_dir, shard) for shard in _manifest_shards(manifest)):
-            if _progress_files(out_dir):  # a finaliser killed after the manifest left these
+            if _leftovers(out_dir):  # a finaliser killed after writing the manifest left these
                 with _dir_lock(out_dir):  # (only then: the folder may be read-only, shared by many runs)
-                    _remove_progress(out_dir)
+                    _remove_leftovers(out_dir)
             return manifest
 
     source = scan_source(src_dir, list(cfg.splits), cfg.val_labels)
@@ -323,8 +322,6 @@ def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, 
     for shard in owned:  # only this task's leftovers: other tasks may be writing theirs right now
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, shard["file"] + ".tmp"))
-    progress_path = _progress_path(out_dir, task, cfg.array_tasks)
-    remove_leftover_temps(progress_path)  # this task's own: no other task writes its progress file
     trusted = _trusted_records(out_dir, settings)
     mine, todo = {}, []
     for shard in owned:
@@ -335,6 +332,7 @@ def write_shards(src_dir: str, out_dir: str, cfg: ShardConfig, resolution: int, 
         else:
             todo.append({**shard, "out_dir": out_dir, **preprocessing})
 
+    progress_path = _progress_path(out_dir, task, cfg.array_tasks)
     images = [0]
     pool = Pool(cfg.workers) if cfg.workers > 1 and len(todo) > 1 else None
     with pool or contextlib.nullcontext():
